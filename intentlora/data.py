@@ -1,0 +1,265 @@
+"""Load and check labelled text files. Every problem names FILE:LINE.
+
+Nothing the user gave is dropped without a report: rows are either loaded,
+or reported as errors (which stop training), or - with `drop_unknown` -
+reported one by one as dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+    source: str  # "FILE:LINE", so every later message can point back to the row
+
+
+@dataclass(frozen=True)
+class Problem:
+    where: str  # FILE or FILE:LINE
+    message: str
+    severity: str = "error"  # error | warning | dropped
+
+    def __str__(self) -> str:
+        prefix = "" if self.severity == "error" else f"{self.severity}: "
+        return f"{self.where}: {prefix}{self.message}"
+
+
+@dataclass
+class LoadResult:
+    examples: list[Example] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+class DataError(ValueError):
+    """Raised with every problem found, so the user fixes them in one pass."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+def load_file(
+    path: str | Path,
+    labels: list[str] | None = None,
+    drop_unknown: bool = False,
+    text_field: str = "text",
+    label_field: str = "label",
+) -> LoadResult:
+    """Read a .jsonl or .csv file into examples and problems; never raises on content."""
+    path = Path(path)
+    result = LoadResult()
+    if not path.exists():
+        result.problems.append(Problem(str(path), "file not found"))
+        return result
+    if not path.is_file():
+        result.problems.append(Problem(str(path), "not a regular file (is it a directory?)"))
+        return result
+    rows = _csv_rows(path, result) if path.suffix.lower() == ".csv" else _jsonl_rows(path, result)
+    known = set(labels) if labels is not None else None
+    for line_no, row in rows:
+        where = f"{path}:{line_no}"
+        example = _check_row(row, where, text_field, label_field, result)
+        if example is None:
+            continue
+        if known is not None and example.label not in known:
+            message = f"unknown label {example.label!r} (expected one of: {', '.join(labels)})"
+            severity = "dropped" if drop_unknown else "error"
+            result.problems.append(Problem(where, message, severity))
+            continue
+        result.examples.append(example)
+    if not rows and not result.problems:
+        result.problems.append(Problem(str(path), "no examples in file"))
+    result.problems.extend(duplicate_warnings(result.examples))
+    return result
+
+
+def _lines(path: Path, result: LoadResult) -> list[tuple[int, str]]:
+    """Decode line by line so one bad byte names its own line, not the file."""
+    out = []
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # a UTF-8 BOM is harmless; Excel and Notepad write it
+    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+        raw = raw.rstrip(b"\r")
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            result.problems.append(
+                Problem(f"{path}:{line_no}", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8")
+            )
+            continue
+        if "\x00" in line:
+            result.problems.append(Problem(f"{path}:{line_no}", "contains NUL bytes (binary data?)"))
+            continue
+        if line.strip():
+            out.append((line_no, line))
+    return out
+
+
+def _jsonl_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
+    rows = []
+    for line_no, line in _lines(path, result):
+        try:
+            rows.append((line_no, json.loads(line)))
+        except json.JSONDecodeError as err:
+            result.problems.append(Problem(f"{path}:{line_no}", f"invalid JSON: {err.msg} (column {err.colno})"))
+    return rows
+
+
+def _csv_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
+    lines = _lines(path, result)
+    if not lines:
+        return []
+    header_line, header = lines[0]
+    rows = []
+    fields = next(csv.reader([header]))
+    for line_no, line in lines[1:]:
+        try:
+            values = next(csv.reader(io.StringIO(line)))
+        except csv.Error as err:
+            result.problems.append(Problem(f"{path}:{line_no}", f"invalid CSV: {err}"))
+            continue
+        if len(values) != len(fields):
+            result.problems.append(
+                Problem(f"{path}:{line_no}", f"expected {len(fields)} columns (header on line {header_line}), got {len(values)}")
+            )
+            continue
+        rows.append((line_no, dict(zip(fields, values))))
+    return rows
+
+
+def _check_row(row: object, where: str, text_field: str, label_field: str, result: LoadResult) -> Example | None:
+    if not isinstance(row, dict):
+        result.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
+        return None
+    problems = []
+    for name in (text_field, label_field):
+        if name not in row:
+            problems.append(f"missing field {name!r}")
+        elif not isinstance(row[name], str):
+            problems.append(f"field {name!r} must be a string, got {type(row[name]).__name__}")
+    if not problems and not row[text_field].strip():
+        problems.append(f"field {text_field!r} is empty")
+    if not problems and not row[label_field].strip():
+        problems.append(f"field {label_field!r} is empty")
+    if problems:
+        result.problems.extend(Problem(where, p) for p in problems)
+        return None
+    return Example(text=row[text_field], label=row[label_field], source=where)
+
+
+def normalize(text: str) -> str:
+    """Key for duplicate checks: case, width, spaces and punctuation do not count."""
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PZSC")
+
+
+def duplicate_warnings(examples: list[Example]) -> list[Problem]:
+    first: dict[str, Example] = {}
+    problems = []
+    for ex in examples:
+        key = normalize(ex.text)
+        if key in first:
+            other = first[key]
+            conflict = f" with a different label ({other.label!r} vs {ex.label!r})" if other.label != ex.label else ""
+            problems.append(Problem(ex.source, f"duplicate of {other.source}{conflict}", "warning"))
+        else:
+            first[key] = ex
+    return problems
+
+
+def overlap_warnings(train: list[Example], other: list[Example]) -> list[Problem]:
+    """Texts of `other` (test/valid) that also appear in train inflate scores."""
+    seen = {normalize(ex.text): ex for ex in train}
+    return [
+        Problem(ex.source, f"same text as {seen[normalize(ex.text)].source} (train); it inflates test scores", "warning")
+        for ex in other
+        if normalize(ex.text) in seen
+    ]
+
+
+@dataclass
+class Splits:
+    train: list[Example]
+    valid: list[Example]
+    test: list[Example]
+    labels: list[str]
+    problems: list[Problem]
+
+
+def load_splits(
+    train: str,
+    test: str,
+    valid: str | None = None,
+    labels: list[str] | None = None,
+    drop_unknown: bool = False,
+    valid_fraction: float = 0.1,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    text_field: str = "text",
+    label_field: str = "label",
+    seed: int = 42,
+) -> Splits:
+    """Load train/valid/test with one label set; raise DataError listing every error."""
+    kwargs = dict(drop_unknown=drop_unknown, text_field=text_field, label_field=label_field)
+    train_result = load_file(train, labels, **kwargs)
+    if labels is None and not train_result.errors:
+        labels = sorted({ex.label for ex in train_result.examples})
+    others = {name: load_file(path, labels, **kwargs) for name, path in (("test", test), ("valid", valid)) if path}
+    problems = train_result.problems + [p for r in others.values() for p in r.problems]
+    if not any(p.severity == "error" for p in problems) and len(labels) < 2:
+        problems.append(Problem(str(train), f"need at least 2 labels to classify, found {labels}"))
+    errors = [p for p in problems if p.severity == "error"]
+    if errors:
+        raise DataError(errors)
+    train_examples = subsample(train_result.examples, max_train_samples, seed)
+    test_examples = subsample(others["test"].examples, max_test_samples, seed)
+    if "valid" in others:
+        valid_examples = others["valid"].examples
+    elif valid_fraction > 0:
+        train_examples, valid_examples = stratified_split(train_examples, valid_fraction, seed)
+    else:
+        valid_examples = test_examples
+    problems += overlap_warnings(train_examples, test_examples)
+    missing = sorted(set(labels) - {ex.label for ex in train_examples})
+    if missing:
+        problems.append(Problem(str(train), f"labels with no training example: {', '.join(missing)}", "warning"))
+    return Splits(train_examples, valid_examples, test_examples, labels, problems)
+
+
+def subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    """A seeded random subset that keeps the file order of what it keeps."""
+    if limit is None or limit >= len(examples):
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def stratified_split(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out `fraction` of each label (at least one where a label has two or more)."""
+    by_label: dict[str, list[int]] = defaultdict(list)
+    for i, ex in enumerate(examples):
+        by_label[ex.label].append(i)
+    rng = random.Random(seed)
+    held = set()
+    for indices in by_label.values():
+        if len(indices) < 2:
+            continue
+        count = max(1, round(len(indices) * fraction))
+        held.update(rng.sample(indices, count))
+    return [ex for i, ex in enumerate(examples) if i not in held], [ex for i, ex in enumerate(examples) if i in held]

@@ -1,0 +1,232 @@
+"""The training recipe, top to bottom:
+
+config -> data -> model + LoRA -> random-head baseline -> fit -> save adapter
+-> reload + merge parity -> final evaluation -> metrics.json + report.md
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+
+from intentlora.config import Config, save_config
+from intentlora.data import Example, Splits, load_splits
+from intentlora.evaluate import classification_metrics, evaluate_model
+from intentlora.models import (
+    add_lora,
+    dir_size_mb,
+    load_adapter,
+    load_classifier,
+    load_tokenizer,
+    parameter_counts,
+    precision_dtype,
+    resolve_model_path,
+    resolve_precision,
+)
+from intentlora.predict import batched_logits
+from intentlora.report import write_report
+
+log = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # fp32 max abs logit difference
+PARITY_PROBE = 32  # test texts used for the logit comparisons
+
+
+class ParityError(RuntimeError):
+    """The saved artifacts do not reproduce the trained model."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+
+
+def train(cfg: Config, echo=print) -> RunResult:
+    run_dir = make_run_dir(cfg.output.dir)
+    set_seed(cfg.train.seed)
+    splits = load_data(cfg)
+    for problem in splits.problems:
+        echo(str(problem))
+    shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
+    echo(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
+
+    precision = resolve_precision(cfg.train.precision)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
+    base = load_classifier(
+        model_path, splits.labels, tokenizer.pad_token_id, precision_dtype(precision),
+        cfg.model.trust_remote_code, cfg.model.revision,
+    )
+    model = add_lora(base, cfg.lora)
+    trainable, total = parameter_counts(model)
+    echo(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    echo("baseline: random head (the untrained classifier)")
+    baselines = {"random_head": evaluate(model, tokenizer, splits.test, splits.labels, cfg)}
+
+    trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+
+    adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
+    parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
+    lora_metrics = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
+
+    metrics = {
+        "labels": splits.labels,
+        "model": cfg.model.name,
+        "baselines": baselines,
+        "lora": lora_metrics,
+        "train": {
+            "seconds": round(seconds, 2),
+            "samples_per_s": round(len(splits.train) * cfg.train.epochs / seconds, 3),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "precision": precision,
+            "epochs": cfg.train.epochs,
+            "steps": trainer.state.global_step,
+            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "trainable_params": trainable,
+            "total_params": total,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "adapter_size_mb": round(dir_size_mb(adapter_dir), 3),
+            "log_history": trainer.state.log_history,
+        },
+        "parity": parity,
+        "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test),
+                 "warnings": [str(p) for p in splits.problems]},
+    }
+    write_report(run_dir, metrics)
+    # metrics.json last: its presence marks a complete run.
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    return RunResult(run_dir, metrics)
+
+
+def make_run_dir(path: str | None) -> Path:
+    run_dir = Path(path) if path else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def load_data(cfg: Config) -> Splits:
+    d = cfg.data
+    return load_splits(
+        d.train, d.test, d.valid, d.labels, d.drop_unknown, d.valid_fraction,
+        d.max_train_samples, d.max_test_samples, d.text_field, d.label_field, cfg.train.seed,
+    )
+
+
+def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> dict:
+    return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length)
+
+
+def tokenize(tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> Dataset:
+    """Token ids only: padding happens per batch in the collator (dynamic padding)."""
+    label2id = {label: i for i, label in enumerate(labels)}
+    padding = "max_length" if cfg.train.pad_to_max_length else False
+    enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=cfg.data.max_length, padding=padding)
+    return Dataset.from_dict({
+        "input_ids": enc["input_ids"],
+        "attention_mask": enc["attention_mask"],
+        "labels": [label2id[ex.label] for ex in examples],
+        "length": [len(ids) for ids in enc["input_ids"]],
+    })
+
+
+def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, precision: str) -> Trainer:
+    t = cfg.train
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"),
+        num_train_epochs=t.epochs,
+        learning_rate=t.lr,
+        per_device_train_batch_size=t.batch_size,
+        per_device_eval_batch_size=t.eval_batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        lr_scheduler_type=t.lr_scheduler,
+        seed=t.seed,
+        bf16=precision == "bf16",
+        use_cpu=not torch.cuda.is_available(),  # accelerate refuses bf16 on CPU otherwise
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        greater_is_better=True,
+        logging_steps=t.logging_steps,
+        report_to="none",
+        disable_tqdm=False,
+    )
+
+    def compute_metrics(prediction) -> dict:
+        m = classification_metrics(prediction.label_ids.tolist(), prediction.predictions.argmax(-1).tolist(), splits.labels)
+        return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
+
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=tokenize(tokenizer, splits.train, splits.labels, cfg),
+        eval_dataset=tokenize(tokenizer, splits.valid, splits.labels, cfg),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
+
+
+def save_run(model, tokenizer, labels: list[str], cfg: Config, run_dir: Path) -> Path:
+    adapter_dir = run_dir / "adapter"
+    model.save_pretrained(adapter_dir, safe_serialization=True)
+    (run_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=2), encoding="utf-8")
+    save_config(cfg, run_dir / "config.yaml")
+    return adapter_dir
+
+
+def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_path: str, adapter_dir: Path, precision: str):
+    """Reload the adapter from disk and merge it; both must give the trained model's logits.
+
+    The reload is compared in the training precision (it must match exactly).
+    The merge is compared in float64: in fp32 a 24-layer model's logits move by
+    ~1e-4 from kernel choice alone (batch of 1 vs padded batch), which would
+    hide the difference between a correct merge and a subtly wrong one.
+    Returns the parity figures and the merged model (fp32), which the final
+    evaluation uses, so the reported scores are those of the saved artifact.
+    """
+    probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
+    logits = lambda m: batched_logits(m, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)  # noqa: E731
+    load = lambda dtype: load_classifier(  # noqa: E731
+        model_path, splits.labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision
+    )
+    trained = logits(model)
+    reloaded = load_adapter(load(precision_dtype(precision)), adapter_dir)
+    reload_diff = (logits(reloaded) - trained).abs().max().item()
+    del reloaded
+
+    unmerged = load_adapter(load(torch.float64), adapter_dir)
+    before_merge = logits(unmerged)
+    merged = unmerged.merge_and_unload()
+    merge_diff = (logits(merged) - before_merge).abs().max().item()
+
+    parity = {
+        "reload_max_abs_diff": reload_diff,
+        "merge_max_abs_diff": merge_diff,
+        "tolerance": PARITY_TOLERANCE,
+        "probe_texts": len(probe),
+    }
+    if reload_diff > PARITY_TOLERANCE or merge_diff > PARITY_TOLERANCE:
+        raise ParityError(f"saved adapter does not reproduce the trained model: {parity}")
+    return parity, merged.float()
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

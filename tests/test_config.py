@@ -1,0 +1,60 @@
+from pathlib import Path
+
+import pytest
+
+from intentlora.config import ConfigError, load_config, parse_assignment, save_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_are_the_offline_quickstart():
+    cfg = load_config()
+    assert cfg.model.name == "pypi:qwen2.5-coder-0.5b-instruct"
+    assert Path(cfg.data.train).is_file() and Path(cfg.data.test).is_file()
+    assert cfg.model.trust_remote_code is False
+    assert cfg.train.pad_to_max_length is False
+
+
+def test_seed_config_reproduces_the_reference_recipe():
+    cfg = load_config(ROOT / "configs" / "seed_qwen2.5-1.5b.yaml")
+    assert cfg.model.name == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert (cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout) == (8, 16, 0.05)
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert (cfg.data.max_length, cfg.train.batch_size, cfg.train.epochs, cfg.train.lr) == (64, 1, 1, 2e-5)
+    assert cfg.train.pad_to_max_length and cfg.train.precision == "fp32"
+
+
+def test_cli_overrides_beat_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: 5\ndata:\n  labels: [a, b]\n")
+    cfg = load_config(path, {"train.lr": "1e-3", "data.labels": "x,y,z", "train.epochs": None})
+    assert cfg.train.lr == 1e-3
+    assert cfg.train.epochs == 5  # None means "not given on the CLI"
+    assert cfg.data.labels == ["x", "y", "z"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"train.nope": 1}, "unknown key 'train.nope'"),
+        ({"nope.lr": 1}, "unknown config section 'nope'"),
+        ({"train.batch_size": "many"}, "train.batch_size"),
+        ({"train.group_by_length": "maybe"}, "expected true/false"),
+    ],
+)
+def test_bad_values_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_yaml_roundtrip(tmp_path):
+    cfg = load_config(None, {"train.lr": 3e-4, "lora.target_modules": "q_proj,k_proj"})
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_parse_assignment_reads_yaml_values():
+    assert parse_assignment("train.lr=1e-4") == ("train.lr", 1e-4)
+    assert parse_assignment("lora.target_modules=[q_proj, v_proj]") == ("lora.target_modules", ["q_proj", "v_proj"])
+    with pytest.raises(ConfigError):
+        parse_assignment("train.lr")

@@ -1,0 +1,123 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from intentlora.config import BUNDLED_DATA
+from intentlora.data import DataError, load_file, load_splits, normalize, stratified_split
+from tests.conftest import write_jsonl
+
+LABELS = ["fraud_risk", "refund", "balance", "card_lost", "other"]
+
+
+def messages(result):
+    return [str(p) for p in result.problems]
+
+
+def test_each_problem_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(
+        b'{"text": "ok", "label": "refund"}\n'
+        b'{"text": "no closing brace"\n'
+        b'{"label": "refund"}\n'
+        b'{"text": 5, "label": "refund"}\n'
+        b'{"text": "   ", "label": "refund"}\n'
+        b'{"text": "hi", "label": "weather"}\n'
+        b'{"text": "caf\xe9", "label": "refund"}\n'
+        b'["a list"]\n'
+    )
+    result = load_file(path, LABELS)
+    got = messages(result)
+    assert [e.text for e in result.examples] == ["ok"]
+    assert got[0].startswith(f"{path}:7: not valid UTF-8")  # decoding runs first
+    expected = {
+        2: "invalid JSON",
+        3: "missing field 'text'",
+        4: "field 'text' must be a string, got int",
+        5: "field 'text' is empty",
+        6: "unknown label 'weather'",
+        8: "expected a JSON object, got list",
+    }
+    for line, fragment in expected.items():
+        assert any(m.startswith(f"{path}:{line}: ") and fragment in m for m in got), (line, got)
+    assert len(result.errors) == 7
+
+
+def test_bom_crlf_and_blank_lines_are_accepted(tmp_path):
+    path = tmp_path / "win.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"text": "a", "label": "x"}\r\n\r\n{"text": "b", "label": "y"}\r\n')
+    result = load_file(path)
+    assert [(e.text, e.source) for e in result.examples] == [("a", f"{path}:1"), ("b", f"{path}:3")]
+    assert result.problems == []
+
+
+def test_missing_file_directory_and_empty_file(tmp_path):
+    assert "file not found" in messages(load_file(tmp_path / "nope.jsonl"))[0]
+    assert "not a regular file" in messages(load_file(tmp_path))[0]
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "no examples" in messages(load_file(tmp_path / "empty.jsonl"))[0]
+
+
+def test_drop_unknown_reports_every_dropped_row(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "a", "label": "refund"}, {"text": "b", "label": "zzz"}, {"text": "c", "label": "zzz"}])
+    result = load_file(path, LABELS, drop_unknown=True)
+    assert [e.text for e in result.examples] == ["a"]
+    assert result.errors == []
+    assert [str(p) for p in result.problems] == [
+        f"{path}:2: dropped: unknown label 'zzz' (expected one of: {', '.join(LABELS)})",
+        f"{path}:3: dropped: unknown label 'zzz' (expected one of: {', '.join(LABELS)})",
+    ]
+
+
+def test_duplicates_are_warnings_that_point_back(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": "我的卡丢了!", "label": "card_lost"}, {"text": "x", "label": "other"}, {"text": "我的卡 丢了", "label": "other"}])
+    result = load_file(path)
+    assert len(result.examples) == 3
+    [warning] = result.problems
+    assert str(warning) == f"{path}:3: warning: duplicate of {path}:1 with a different label ('card_lost' vs 'other')"
+
+
+def test_csv_is_loaded_with_line_numbers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\n"hello, there",other\nbad row\n查余额,balance\n', encoding="utf-8")
+    result = load_file(path)
+    assert [(e.text, e.label) for e in result.examples] == [("hello, there", "other"), ("查余额", "balance")]
+    assert str(result.problems[0]).startswith(f"{path}:3: expected 2 columns")
+
+
+def test_load_splits_collects_all_errors_and_defaults_labels(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(20)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "t1", "label": "a"}, {"text": "new", "label": "c"}])
+    with pytest.raises(DataError) as err:
+        load_splits(str(train), str(test))
+    assert [str(p) for p in err.value.problems] == [f"{test}:2: unknown label 'c' (expected one of: a, b)"]
+
+    test.write_text(json.dumps({"text": "T1 ", "label": "b"}) + "\n")
+    splits = load_splits(str(train), str(test), valid_fraction=0.2)
+    assert splits.labels == ["a", "b"]
+    assert (len(splits.train), len(splits.valid), len(splits.test)) == (16, 4, 1)
+    assert any("same text as" in str(p) and p.severity == "warning" for p in splits.problems)
+
+
+def test_stratified_split_keeps_every_label_and_loses_nothing():
+    from intentlora.data import Example
+
+    examples = [Example(f"t{i}", "abc"[i % 3] if i < 30 else "d", f"f:{i}") for i in range(31)]
+    train, valid = stratified_split(examples, 0.2, seed=1)
+    assert sorted(train + valid, key=lambda e: e.source) == sorted(examples, key=lambda e: e.source)
+    assert {e.label for e in valid} == {"a", "b", "c"}  # 'd' has one example: it stays in train
+    assert stratified_split(examples, 0.2, seed=1) == (train, valid)
+
+
+def test_normalize_ignores_case_width_space_and_punctuation():
+    assert normalize("Ｈello， World！") == normalize("hello world") == "helloworld"
+
+
+def test_bundled_data_is_clean_balanced_and_disjoint():
+    train, test = (load_file(BUNDLED_DATA / f"{s}.jsonl", LABELS) for s in ("train", "test"))
+    assert train.problems == [] and test.problems == []
+    for result, minimum in ((train, 80), (test, 20)):
+        counts = {label: sum(e.label == label for e in result.examples) for label in LABELS}
+        assert min(counts.values()) >= minimum, counts
+    assert {normalize(e.text) for e in train.examples}.isdisjoint(normalize(e.text) for e in test.examples)
+    assert (Path(BUNDLED_DATA) / "README.md").is_file()

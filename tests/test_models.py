@@ -1,0 +1,71 @@
+import pytest
+import torch
+from peft import PeftModel
+
+from intentlora.config import LoraConfig
+from intentlora.models import add_lora, load_classifier, load_tokenizer, parameter_counts, resolve_model_path, target_modules_for
+from intentlora.predict import batched_logits
+
+LABELS = ["a", "b", "c"]
+
+
+def classifier(folder, dtype=torch.float32):
+    tokenizer = load_tokenizer(str(folder))
+    return load_classifier(str(folder), LABELS, tokenizer.pad_token_id, dtype), tokenizer
+
+
+def test_pad_token_is_set_and_written_into_the_config(tiny_qwen2):
+    model, tokenizer = classifier(tiny_qwen2)
+    assert tokenizer.pad_token == "<|endoftext|>"  # the eos: this tokenizer shipped without a pad
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.id2label == {0: "a", 1: "b", 2: "c"} and model.config.label2id["c"] == 2
+
+
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_bert"])
+def test_batches_give_the_same_logits_as_single_texts(fixture, request):
+    model, tokenizer = classifier(request.getfixturevalue(fixture))
+    texts = ["查余额", "我的信用卡昨天在地铁上丢了，怎么挂失", "refund please", "卡被盗刷了 help!!"]
+    batched = batched_logits(model, tokenizer, texts, batch_size=4)
+    single = torch.cat([batched_logits(model, tokenizer, [t], batch_size=1) for t in texts])
+    assert batched.shape == (4, 3)
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+def test_target_modules_follow_the_architecture(tiny_qwen2, tiny_bert):
+    assert target_modules_for(classifier(tiny_qwen2)[0]) == ["q_proj", "v_proj"]
+    assert target_modules_for(classifier(tiny_bert)[0]) == ["query", "value"]
+    assert target_modules_for(classifier(tiny_bert)[0], ["key"]) == ["key"]
+
+
+def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
+    model, _ = classifier(tiny_qwen2, torch.bfloat16)
+    peft_model = add_lora(model, LoraConfig(r=4, alpha=8))
+    assert isinstance(peft_model, PeftModel)
+    trainable = {n: p for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("score" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    assert any(p.dtype == torch.bfloat16 for n, p in peft_model.named_parameters() if not p.requires_grad)
+    n_trainable, n_total = parameter_counts(peft_model)
+    assert 0 < n_trainable < n_total
+
+
+def test_safetensors_only(tiny_qwen2, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_qwen2, folder)
+    from safetensors.torch import load_file
+
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(OSError):
+        classifier(folder)
+
+
+def test_resolve_model_path_keeps_hub_ids_and_rejects_missing_gguf(tmp_path, tiny_qwen2):
+    assert resolve_model_path("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert resolve_model_path(str(tiny_qwen2)) == str(tiny_qwen2)
+    with pytest.raises(FileNotFoundError):
+        resolve_model_path(str(tmp_path / "missing.gguf"))
+    with pytest.raises(Exception, match="unknown offline model"):
+        resolve_model_path("pypi:nope")

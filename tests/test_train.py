@@ -1,0 +1,100 @@
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForSequenceClassification
+
+from intentlora.models import load_classifier, load_tokenizer, merge_run
+from intentlora.predict import batched_logits
+from intentlora.train import ParityError, load_data, train, verify_saved_adapter
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def qwen_run(tiny_qwen2, tmp_path_factory, bundled_rows):
+    from tests.conftest import write_jsonl
+
+    tmp = tmp_path_factory.mktemp("qwen-run")
+    train_file = write_jsonl(tmp / "train.jsonl", bundled_rows["train"][:60])
+    test_file = write_jsonl(tmp / "test.jsonl", bundled_rows["test"][:25])
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp / "run")
+    return cfg, train(cfg, echo=lambda _: None)
+
+
+def test_run_directory_holds_everything_promised(qwen_run):
+    cfg, result = qwen_run
+    run = result.run_dir
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "labels.json", "config.yaml", "metrics.json", "report.md"):
+        assert (run / name).is_file(), name
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["labels"] == json.loads((run / "labels.json").read_text()) == ["balance", "card_lost", "fraud_risk", "other", "refund"]
+    for section in (metrics["baselines"]["random_head"], metrics["lora"]):
+        assert 0 <= section["macro_f1"] <= 1 and 0 <= section["accuracy"] <= 1
+        assert set(section["per_class"]) == set(metrics["labels"])
+    assert metrics["train"]["seconds"] > 0 and metrics["train"]["samples_per_s"] > 0 and metrics["train"]["peak_rss_mb"] > 0
+    assert 0 < metrics["train"]["trainable_params"] < metrics["train"]["total_params"]
+    assert metrics["parity"]["reload_max_abs_diff"] < 1e-4 and metrics["parity"]["merge_max_abs_diff"] < 1e-4
+    assert "Before / after" in (run / "report.md").read_text()
+
+
+def test_adapter_is_plain_peft_and_holds_the_head(qwen_run, tiny_qwen2):
+    cfg, result = qwen_run
+    weights = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    assert any("score" in k for k in weights) and any("lora_A" in k for k in weights)
+    labels = result.metrics["labels"]
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_qwen2, num_labels=len(labels))
+    base.config.pad_token_id = tokenizer.pad_token_id
+    model = PeftModel.from_pretrained(base, result.run_dir / "adapter")
+    splits = load_data(cfg)
+    logits = batched_logits(model, tokenizer, [ex.text for ex in splits.test])
+    assert logits.shape == (len(splits.test), len(labels))
+
+
+def test_training_learns_something(qwen_run):
+    _, result = qwen_run
+    history = [h["loss"] for h in result.metrics["train"]["log_history"] if "loss" in h]
+    assert history[-1] < history[0]
+
+
+def test_merged_model_loads_with_plain_transformers(qwen_run, tmp_path):
+    cfg, result = qwen_run
+    out = merge_run(result.run_dir, tmp_path / "merged")
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.config.id2label[0] == "balance" and model.config.label2id["refund"] == 4
+    assert model.config.pad_token_id is not None
+    tokenizer = load_tokenizer(str(out))
+    splits = load_data(cfg)
+    texts = [ex.text for ex in splits.test[:8]]
+    from intentlora.models import load_run
+
+    adapter_model, _, _ = load_run(result.run_dir)
+    torch.testing.assert_close(batched_logits(model, tokenizer, texts), batched_logits(adapter_model, tokenizer, texts), atol=1e-4, rtol=0)
+
+
+def test_a_corrupted_adapter_fails_parity(qwen_run, tiny_qwen2, tmp_path):
+    cfg, result = qwen_run
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(result.run_dir / "adapter", adapter)
+    weights = load_file(adapter / "adapter_model.safetensors")
+    key = next(k for k in weights if "score" in k)
+    weights[key] = weights[key] + 0.5
+    save_file(weights, adapter / "adapter_model.safetensors")
+    splits = load_data(cfg)
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    trained = PeftModel.from_pretrained(load_classifier(str(tiny_qwen2), splits.labels, tokenizer.pad_token_id), result.run_dir / "adapter")
+    with pytest.raises(ParityError):
+        verify_saved_adapter(trained, tokenizer, splits, cfg, str(tiny_qwen2), adapter, "fp32")
+
+
+def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_bert, train_file, test_file, tmp_path / "run", **{"train.precision": "bf16", "train.epochs": 1})
+    result = train(cfg, echo=lambda _: None)
+    assert result.metrics["train"]["precision"] == "bf16"
+    assert result.metrics["parity"]["merge_max_abs_diff"] < 1e-4
+    assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-4
