@@ -1,5 +1,7 @@
 """One typed config tree. YAML files and CLI flags both write into it.
 
+The defaults are the quickstart (`configs/quickstart.yaml` spells them out).
+
 Every field is a plain value, so a run's resolved config can be saved as YAML
 next to its outputs and loaded again to reproduce it.
 """
@@ -46,10 +48,13 @@ class ModelConfig:
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: int = 16
+    r: int = 16
+    alpha: int = 32
     dropout: float = 0.05
-    target_modules: list[str] | None = None  # None: chosen per architecture
+    # ["all-linear"]: every linear layer but the head (what the quickstart
+    # measured best); None: the reference's attention query/value, named per
+    # architecture (q_proj/v_proj, query/value, ...); or an explicit list.
+    target_modules: list[str] | None = field(default_factory=lambda: ["all-linear"])
 
 
 @dataclass

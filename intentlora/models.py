@@ -122,7 +122,10 @@ def load_classifier(
     return model
 
 
-def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str]:
+def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str] | str:
+    """The override, else per architecture; ["all-linear"] is PEFT's every-linear-layer shortcut."""
+    if override == ["all-linear"]:
+        return "all-linear"
     return override or TARGET_MODULES.get(model.config.model_type, DEFAULT_TARGET_MODULES)
 
 

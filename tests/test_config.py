@@ -54,7 +54,12 @@ def test_yaml_roundtrip(tmp_path):
 
 
 def test_parse_assignment_reads_yaml_values():
-    assert parse_assignment("train.lr=1e-4") == ("train.lr", 1e-4)
+    assert parse_assignment("train.epochs=2") == ("train.epochs", 2)
+    assert load_config(None, dict([parse_assignment("train.lr=1e-4")])).train.lr == 1e-4
     assert parse_assignment("lora.target_modules=[q_proj, v_proj]") == ("lora.target_modules", ["q_proj", "v_proj"])
     with pytest.raises(ConfigError):
         parse_assignment("train.lr")
+
+
+def test_quickstart_yaml_matches_the_defaults():
+    assert load_config(ROOT / "configs" / "quickstart.yaml") == load_config()

@@ -35,6 +35,7 @@ def test_target_modules_follow_the_architecture(tiny_qwen2, tiny_bert):
     assert target_modules_for(classifier(tiny_qwen2)[0]) == ["q_proj", "v_proj"]
     assert target_modules_for(classifier(tiny_bert)[0]) == ["query", "value"]
     assert target_modules_for(classifier(tiny_bert)[0], ["key"]) == ["key"]
+    assert target_modules_for(classifier(tiny_bert)[0], ["all-linear"]) == "all-linear"
 
 
 def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
