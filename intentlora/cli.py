@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -13,8 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs with LoRA to classify intents.")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)  # never break FILE:LINE messages across lines
+err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes: 1 bad input (data, config, model spec), 2 usage (typer), 3 saved
 # artifacts failed their parity check.
@@ -100,18 +101,22 @@ def train(
 def print_comparison(metrics: dict) -> None:
     from intentlora.report import comparison_rows
 
-    table = Table(title="test set: before / after")
-    for column in ("model", "macro-F1", "accuracy", "weighted F1"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for name, m in comparison_rows(metrics):
-        table.add_row(name, f"{m['macro_f1']:.4f}", f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}")
-    console.print(table)
+    print_metrics_table(dict(comparison_rows(metrics)), "test set: baselines vs LoRA")
     t = metrics["train"]
     console.print(
         f"train: {t['seconds']:.1f} s, {t['samples_per_s']:.2f} samples/s, peak RSS {t['peak_rss_mb']:.0f} MB, "
         f"adapter {t['adapter_size_mb']:.2f} MB; parity: reload {metrics['parity']['reload_max_abs_diff']:.1e}, "
         f"merge {metrics['parity']['merge_max_abs_diff']:.1e}"
     )
+
+
+def print_metrics_table(models: dict[str, dict], title: str) -> None:
+    table = Table(title=title)
+    for column in ("model", "macro-F1", "accuracy", "weighted F1"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    for name, m in models.items():
+        table.add_row(name, f"{m['macro_f1']:.4f}", f"{m['accuracy']:.4f}", f"{m['weighted_f1']:.4f}")
+    console.print(table)
 
 
 @app.command()
@@ -134,6 +139,31 @@ def validate(
     summary = f"{sum(len(r.examples) for r in results)} valid rows in {len(files)} file(s), {errors} error(s), {len(problems) - errors} warning(s)"
     print(summary, file=sys.stderr)
     raise typer.Exit(EXIT_INPUT if errors else 0)
+
+
+@app.command("eval")
+def eval_(
+    data: Annotated[Path, typer.Option("--data", help="Labelled file to evaluate on (.jsonl or .csv).")],
+    model: Annotated[Optional[str], typer.Option(help="A merged model, or a base model (scored zero-shot).")] = None,
+    adapter: Annotated[Optional[Path], typer.Option(help="A run directory written by `train`.")] = None,
+    labels: Annotated[Optional[str], typer.Option(help="Label set for zero-shot (default: labels found in --data).")] = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the metrics as JSON here.")] = None,
+) -> None:
+    """Evaluate a saved run, a merged model or a base model (zero-shot) on any labelled file."""
+    _quiet_libraries()
+    from intentlora.data import DataError
+    from intentlora.evaluate import evaluate_file
+
+    try:
+        kind, metrics = evaluate_file(str(data), model, str(adapter) if adapter else None, _labels(labels), batch_size=batch_size)
+    except DataError as e:
+        _fail(f"{len(e.problems)} problem(s) in the data (the model's labels: see above):\n{e}")
+    except (FileNotFoundError, OSError, ValueError) as e:
+        _fail(str(e))
+    print_metrics_table({kind: metrics}, f"{data}: {metrics['n']} examples")
+    if output:
+        output.write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
 
 
 @app.command()

@@ -75,6 +75,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    # Compared with LoRA on the same test set: the untrained classifier
+    # (random_head), the instruct model prompted with the intents (zero_shot)
+    # and character TF-IDF + logistic regression (tfidf).
+    baselines: list[str] = field(default_factory=lambda: ["random_head", "zero_shot", "tfidf"])
+    # Shown to the zero-shot model beside each intent name, e.g. {fraud_risk: 诈骗风险, 可疑交易或被骗}.
+    label_descriptions: dict[str, str] | None = None
+
+
+@dataclass
 class OutputConfig:
     dir: str | None = None  # None: runs/<timestamp>
 
@@ -85,6 +95,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
 
@@ -151,6 +162,10 @@ def _coerce(value: Any, hint: Any) -> Any:
         if not isinstance(items, list):
             raise TypeError(f"expected a list, got {value!r}")
         return [str(item).strip() for item in items if str(item).strip()]
+    if typing.get_origin(base) is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"expected a mapping, got {value!r}")
+        return {str(k): str(v) for k, v in value.items()}
     if base is bool:
         if isinstance(value, str):
             if value.lower() in ("true", "yes", "1", "on"):

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from intentlora.config import LoraConfig, load_config
 from intentlora.offline import PREFIX as PYPI_PREFIX
@@ -122,6 +122,13 @@ def load_classifier(
     return model
 
 
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedModel:
+    """The base model with its language-model head, for zero-shot prompting."""
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True
+    )
+
+
 def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str] | str:
     """The override, else per architecture; ["all-linear"] is PEFT's every-linear-layer shortcut."""
     if override == ["all-linear"]:
@@ -162,15 +169,18 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """(model with adapter, tokenizer, labels) from a run directory written by `train`."""
+def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32, base: str | None = None):
+    """(model with adapter, tokenizer, labels) from a run directory written by `train`.
+
+    `base` replaces the run's base model spec (e.g. a local copy of a hub model).
+    """
     run_dir = Path(run_dir)
     for required in ("config.yaml", "labels.json", "adapter/adapter_config.json"):
         if not (run_dir / required).is_file():
             raise FileNotFoundError(f"{run_dir}: not a complete run directory (missing {required})")
     cfg = load_config(run_dir / "config.yaml")
     labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
-    path = resolve_model_path(cfg.model.name, cfg.model.revision)
+    path = resolve_model_path(base or cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
     base = load_classifier(path, labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision)
     return load_adapter(base, run_dir / "adapter"), tokenizer, labels
@@ -189,3 +199,15 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
+
+
+def load_merged_classifier(path: str, trust_remote_code: bool = False):
+    """(model, tokenizer, labels) for a folder that already holds a classifier, else None."""
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
+        return None
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer, [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -20,11 +20,12 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from intentlora.config import Config, save_config
 from intentlora.data import Example, Splits, load_splits
-from intentlora.evaluate import classification_metrics, evaluate_model
+from intentlora.evaluate import classification_metrics, evaluate_model, misclassified, tfidf_baseline, zero_shot_baseline
 from intentlora.models import (
     add_lora,
     dir_size_mb,
     load_adapter,
+    load_causal_lm,
     load_classifier,
     load_tokenizer,
     parameter_counts,
@@ -71,8 +72,7 @@ def train(cfg: Config, echo=print) -> RunResult:
     trainable, total = parameter_counts(model)
     echo(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    echo("baseline: random head (the untrained classifier)")
-    baselines = {"random_head": evaluate(model, tokenizer, splits.test, splits.labels, cfg)}
+    baselines = run_baselines(model, tokenizer, splits, cfg, model_path, precision, echo)
 
     trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision)
     start = time.perf_counter()
@@ -81,7 +81,7 @@ def train(cfg: Config, echo=print) -> RunResult:
 
     adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
     parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
-    lora_metrics = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
+    lora_metrics, probs = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
 
     metrics = {
         "labels": splits.labels,
@@ -106,7 +106,10 @@ def train(cfg: Config, echo=print) -> RunResult:
         "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test),
                  "warnings": [str(p) for p in splits.problems]},
     }
-    write_report(run_dir, metrics)
+    confidences, predicted = probs.max(-1)
+    gold = [splits.labels.index(ex.label) for ex in splits.test]
+    write_report(run_dir, metrics, misclassified(splits.test, probs, splits.labels),
+                 confidences.tolist(), [p == g for p, g in zip(predicted.tolist(), gold)])
     # metrics.json last: its presence marks a complete run.
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     return RunResult(run_dir, metrics)
@@ -126,8 +129,31 @@ def load_data(cfg: Config) -> Splits:
     )
 
 
-def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> dict:
+def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> tuple[dict, torch.Tensor]:
     return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length)
+
+
+def run_baselines(classifier, tokenizer, splits: Splits, cfg: Config, model_path: str, precision: str, echo=print) -> dict:
+    """The numbers LoRA has to beat, on the same test set and metrics."""
+    results = {}
+    for name in cfg.eval.baselines:
+        if name == "random_head":
+            echo("baseline random_head: the untrained classifier, as the reference recipe reports it")
+            results[name], _ = evaluate(classifier, tokenizer, splits.test, splits.labels, cfg)
+        elif name == "tfidf":
+            echo("baseline tfidf: character n-gram TF-IDF + logistic regression on the same train split")
+            results[name] = tfidf_baseline(splits.train, splits.test, splits.labels)
+        elif name == "zero_shot":
+            if not tokenizer.chat_template:
+                echo("baseline zero_shot skipped: the model has no chat template (not an instruct model)")
+                continue
+            echo("baseline zero_shot: the instruct model prompted with the intents, each label scored by likelihood")
+            lm = load_causal_lm(model_path, precision_dtype(precision), cfg.model.trust_remote_code, cfg.model.revision)
+            results[name] = zero_shot_baseline(lm, tokenizer, splits.test, splits.labels, cfg.eval.label_descriptions)
+            del lm
+        else:
+            raise ValueError(f"unknown baseline {name!r}; choose from random_head, zero_shot, tfidf")
+    return results
 
 
 def tokenize(tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> Dataset:

@@ -67,3 +67,29 @@ def test_train_then_merge(tmp_path, small_data, tiny_qwen2):
 
     missing = runner.invoke(app, ["merge", str(tmp_path / "nope"), str(tmp_path / "m2")])
     assert missing.exit_code == EXIT_INPUT and "not a complete run directory" in missing.output
+
+
+def test_eval_a_run_a_merged_model_and_its_errors(tmp_path, small_data, tiny_qwen2):
+    train_file, test_file = small_data
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--model", str(tiny_qwen2), "--train", str(train_file), "--test", str(test_file),
+                                  "--epochs", "1", "--precision", "fp32", "--output", str(run), "--set", "eval.baselines=[random_head]"])
+    assert trained.exit_code == 0, trained.output
+    lora = json.loads((run / "metrics.json").read_text())["lora"]
+
+    out = tmp_path / "eval.json"
+    result = runner.invoke(app, ["eval", "--adapter", str(run), "--data", str(test_file), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n"] == lora["n"]
+
+    runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
+    merged = runner.invoke(app, ["eval", "--model", str(tmp_path / "merged"), "--data", str(test_file), "-o", str(out)])
+    assert merged.exit_code == 0, merged.output
+    assert json.loads(out.read_text())["accuracy"] == lora["accuracy"]  # merged fp32, as in the run's final evaluation
+
+    missing = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "nope"), "--data", str(test_file)])
+    assert missing.exit_code == EXIT_INPUT and "not a complete run directory" in missing.output
+
+    other_labels = write_jsonl(tmp_path / "other.jsonl", [{"text": "hello", "label": "weather"}])
+    mismatch = runner.invoke(app, ["eval", "--adapter", str(run), "--data", str(other_labels)])
+    assert mismatch.exit_code == EXIT_INPUT and f"{other_labels}:1: unknown label 'weather'" in mismatch.output

@@ -26,7 +26,7 @@ def qwen_run(tiny_qwen2, tmp_path_factory, bundled_rows):
 def test_run_directory_holds_everything_promised(qwen_run):
     cfg, result = qwen_run
     run = result.run_dir
-    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "labels.json", "config.yaml", "metrics.json", "report.md"):
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "labels.json", "config.yaml", "metrics.json", "report.md", "report.html", "errors.jsonl"):
         assert (run / name).is_file(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["labels"] == json.loads((run / "labels.json").read_text()) == ["balance", "card_lost", "fraud_risk", "other", "refund"]
@@ -36,7 +36,7 @@ def test_run_directory_holds_everything_promised(qwen_run):
     assert metrics["train"]["seconds"] > 0 and metrics["train"]["samples_per_s"] > 0 and metrics["train"]["peak_rss_mb"] > 0
     assert 0 < metrics["train"]["trainable_params"] < metrics["train"]["total_params"]
     assert metrics["parity"]["reload_max_abs_diff"] < 1e-4 and metrics["parity"]["merge_max_abs_diff"] < 1e-4
-    assert "Before / after" in (run / "report.md").read_text()
+    assert "Baselines vs LoRA" in (run / "report.md").read_text()
 
 
 def test_adapter_is_plain_peft_and_holds_the_head(qwen_run, tiny_qwen2):
@@ -98,3 +98,20 @@ def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
     assert result.metrics["train"]["precision"] == "bf16"
     assert result.metrics["parity"]["merge_max_abs_diff"] < 1e-4
     assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-4
+
+
+def test_report_files_and_plots(qwen_run):
+    from PIL import Image
+
+    _, result = qwen_run
+    run = result.run_dir
+    for name in ("confusion_matrix.png", "training_curves.png", "confidence_histogram.png"):
+        with Image.open(run / name) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 200
+    html = (run / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "random_head" in html and "tfidf" in html
+    errors = [json.loads(line) for line in (run / "errors.jsonl").read_text().splitlines()]
+    lora = result.metrics["lora"]
+    assert len(errors) == round(lora["n"] * (1 - lora["accuracy"]))
+    assert all(e["gold"] != e["predicted"] and 0 < e["confidence"] <= 1 and ":" in e["source"] for e in errors)

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from intentlora.data import Example
+from intentlora.evaluate import classification_metrics, tfidf_baseline, zero_shot_prompts, zero_shot_scores
+from intentlora.models import load_causal_lm, load_tokenizer
+
+LABELS = ["balance", "card_lost", "fraud_risk", "other", "refund"]
+
+
+def test_metrics_against_hand_computed_values():
+    gold = [0, 0, 1, 1, 2, 2]
+    pred = [0, 1, 1, 1, 0, 2]
+    m = classification_metrics(gold, pred, ["a", "b", "c"])
+    assert m["accuracy"] == pytest.approx(4 / 6)
+    # a: P=1/2 R=1/2 F=1/2; b: P=2/3 R=1 F=0.8; c: P=1 R=1/2 F=2/3
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["b"]["f1"] == pytest.approx(0.8)
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
+    assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_metrics_count_labels_never_predicted():
+    m = classification_metrics([0, 1, 2], [0, 0, 0], ["a", "b", "c"])
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+
+
+def test_tfidf_beats_chance_on_the_bundled_data(bundled_rows):
+    to_examples = lambda rows: [Example(r["text"], r["label"], f"x:{i}") for i, r in enumerate(rows)]  # noqa: E731
+    m = tfidf_baseline(to_examples(bundled_rows["train"]), to_examples(bundled_rows["test"]), LABELS)
+    assert m["macro_f1"] > 0.5  # chance is 0.2 for five balanced labels
+
+
+def test_zero_shot_with_cache_equals_scoring_each_pair_alone(tiny_qwen2):
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
+    model = load_causal_lm(str(tiny_qwen2))
+    texts = ["查余额", "我的卡丢了怎么办啊，急", "refund please"]
+    labels = ["balance", "card_lost", "other"]
+    scores = zero_shot_scores(model, tokenizer, texts, labels, {"balance": "余额"}, batch_size=2)
+    assert scores.shape == (3, 3)
+    prompts = zero_shot_prompts(tokenizer, texts, labels, {"balance": "余额"})
+    for i, prompt in enumerate(prompts):
+        for j, label in enumerate(labels):
+            answer = tokenizer(label, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            with torch.inference_mode():
+                logprobs = model(input_ids=torch.tensor([prompt + answer])).logits.log_softmax(-1)[0]
+            expected = sum(logprobs[len(prompt) - 1 + k, t].item() for k, t in enumerate(answer))
+            assert scores[i, j].item() == pytest.approx(expected, abs=1e-4)
