@@ -222,6 +222,9 @@ def load_splits(
         labels = sorted({ex.label for ex in train_result.examples})
     others = {name: load_file(path, labels, **kwargs) for name, path in (("test", test), ("valid", valid)) if path}
     problems = train_result.problems + [p for r in others.values() for p in r.problems]
+    dropped = sum(p.severity == "dropped" for p in problems)
+    if dropped:
+        problems.append(Problem(str(train), f"{dropped} row(s) with unknown labels dropped in all (listed above)", "dropped"))
     if not any(p.severity == "error" for p in problems) and len(labels) < 2:
         problems.append(Problem(str(train), f"need at least 2 labels to classify, found {labels}"))
     errors = [p for p in problems if p.severity == "error"]

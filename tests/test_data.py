@@ -121,3 +121,13 @@ def test_bundled_data_is_clean_balanced_and_disjoint():
         assert min(counts.values()) >= minimum, counts
     assert {normalize(e.text) for e in train.examples}.isdisjoint(normalize(e.text) for e in test.examples)
     assert (Path(BUNDLED_DATA) / "README.md").is_file()
+
+
+def test_load_splits_counts_dropped_rows(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(10)] + [{"text": "z", "label": "zzz"}])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "q", "label": "zzz"}, {"text": "r", "label": "a"}])
+    splits = load_splits(str(train), str(test), labels=["a", "b"], drop_unknown=True, valid_fraction=0)
+    dropped = [str(p) for p in splits.problems if p.severity == "dropped"]
+    assert dropped[:2] == [f"{train}:11: dropped: unknown label 'zzz' (expected one of: a, b)", f"{test}:1: dropped: unknown label 'zzz' (expected one of: a, b)"]
+    assert dropped[2] == f"{train}: dropped: 2 row(s) with unknown labels dropped in all (listed above)"
+    assert [e.text for e in splits.test] == ["r"]
