@@ -87,13 +87,14 @@ def zero_shot_prompts(tokenizer, texts: list[str], labels: list[str], descriptio
 
 
 @torch.inference_mode()
-def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], descriptions: dict[str, str] | None = None, batch_size: int = 16) -> torch.Tensor:
+def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], descriptions: dict[str, str] | None = None, answer_rows: int = 256) -> torch.Tensor:
     """Log-likelihood of each label's answer after each prompt: shape (texts, labels).
 
     Every label is scored, so there is no free generation and nothing to parse.
     The answer ends with the end-of-turn token, so a label that is a prefix of
     another cannot win by stopping early. Each prompt runs once; its KV cache is
     repeated for the labels, which costs only the few answer tokens each.
+    `answer_rows` (texts x labels per forward pass) bounds the repeated cache's memory.
     """
     model.eval()
     device = next(model.parameters()).device
@@ -106,6 +107,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], desc
     answer_mask = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
     first_tokens = answer_ids[:, 0]
     order = sorted(range(len(texts)), key=lambda i: len(prompts[i]))
+    batch_size = max(1, answer_rows // n_labels)
     scores = torch.empty(len(texts), n_labels)
     with autocast_for(model):
         for start in range(0, len(order), batch_size):
@@ -131,8 +133,8 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], desc
     return scores
 
 
-def zero_shot_baseline(model, tokenizer, examples: list[Example], labels: list[str], descriptions: dict[str, str] | None = None, batch_size: int = 16) -> dict:
-    scores = zero_shot_scores(model, tokenizer, [ex.text for ex in examples], labels, descriptions, batch_size)
+def zero_shot_baseline(model, tokenizer, examples: list[Example], labels: list[str], descriptions: dict[str, str] | None = None) -> dict:
+    scores = zero_shot_scores(model, tokenizer, [ex.text for ex in examples], labels, descriptions)
     label2id = {label: i for i, label in enumerate(labels)}
     return classification_metrics([label2id[ex.label] for ex in examples], scores.argmax(-1).tolist(), labels)
 

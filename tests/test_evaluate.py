@@ -37,7 +37,7 @@ def test_zero_shot_with_cache_equals_scoring_each_pair_alone(tiny_qwen2):
     model = load_causal_lm(str(tiny_qwen2))
     texts = ["查余额", "我的卡丢了怎么办啊，急", "refund please"]
     labels = ["balance", "card_lost", "other"]
-    scores = zero_shot_scores(model, tokenizer, texts, labels, {"balance": "余额"}, batch_size=2)
+    scores = zero_shot_scores(model, tokenizer, texts, labels, {"balance": "余额"}, answer_rows=6)
     assert scores.shape == (3, 3)
     prompts = zero_shot_prompts(tokenizer, texts, labels, {"balance": "余额"})
     for i, prompt in enumerate(prompts):
