@@ -17,6 +17,10 @@ import matplotlib
 matplotlib.use("Agg")  # headless: no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from intentlora.data import Example  # noqa: E402
+from intentlora.evaluate import misclassified  # noqa: E402
 
 PLOTS = ("confusion_matrix.png", "training_curves.png", "confidence_histogram.png")
 
@@ -26,11 +30,15 @@ def comparison_rows(metrics: dict) -> list[tuple[str, dict]]:
     return [*metrics["baselines"].items(), ("lora", metrics["lora"])]
 
 
-def write_report(run_dir: Path, metrics: dict, errors: list[dict], confidences: list[float], correct: list[bool]) -> None:
+def write_report(run_dir: Path, metrics: dict, test: list[Example], probs: torch.Tensor) -> None:
+    """Everything but metrics.json, from the metrics and the LoRA model's test probabilities."""
     labels = metrics["labels"]
+    errors = misclassified(test, probs, labels)
+    confidences, predicted = probs.max(-1)
+    correct = [labels[p] == ex.label for p, ex in zip(predicted.tolist(), test)]
     plot_confusion_matrix(np.array(metrics["lora"]["confusion_matrix"]), labels, run_dir / PLOTS[0])
     plot_training_curves(metrics["train"]["log_history"], run_dir / PLOTS[1])
-    plot_confidence_histogram(confidences, correct, run_dir / PLOTS[2])
+    plot_confidence_histogram(confidences.tolist(), correct, run_dir / PLOTS[2])
     with (run_dir / "errors.jsonl").open("w", encoding="utf-8") as f:
         for row in errors:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -1,13 +1,12 @@
 """The training recipe, top to bottom:
 
-config -> data -> model + LoRA -> random-head baseline -> fit -> save adapter
--> reload + merge parity -> final evaluation -> metrics.json + report.md
+config -> data -> model + LoRA -> baselines -> fit -> save adapter
+-> reload + merge parity -> final evaluation -> report -> metrics.json
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import resource
 import time
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from intentlora.config import Config, save_config
 from intentlora.data import Example, Splits, load_splits
-from intentlora.evaluate import classification_metrics, evaluate_model, misclassified, tfidf_baseline, zero_shot_baseline
+from intentlora.evaluate import classification_metrics, evaluate_model, tfidf_baseline, zero_shot_baseline
 from intentlora.models import (
     add_lora,
     dir_size_mb,
@@ -36,9 +35,7 @@ from intentlora.models import (
 from intentlora.predict import batched_logits
 from intentlora.report import write_report
 
-log = logging.getLogger(__name__)
-
-PARITY_TOLERANCE = 1e-4  # fp32 max abs logit difference
+PARITY_TOLERANCE = 1e-4  # max abs logit difference
 PARITY_PROBE = 32  # test texts used for the logit comparisons
 
 
@@ -106,10 +103,7 @@ def train(cfg: Config, echo=print) -> RunResult:
         "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test),
                  "warnings": [str(p) for p in splits.problems]},
     }
-    confidences, predicted = probs.max(-1)
-    gold = [splits.labels.index(ex.label) for ex in splits.test]
-    write_report(run_dir, metrics, misclassified(splits.test, probs, splits.labels),
-                 confidences.tolist(), [p == g for p, g in zip(predicted.tolist(), gold)])
+    write_report(run_dir, metrics, splits.test, probs)
     # metrics.json last: its presence marks a complete run.
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
     return RunResult(run_dir, metrics)
