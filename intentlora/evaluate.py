@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+from tqdm.auto import tqdm
 
 from intentlora.data import Example
 from intentlora.predict import autocast_for, batched_logits
@@ -110,7 +111,7 @@ def zero_shot_scores(model, tokenizer, texts: list[str], labels: list[str], desc
     batch_size = max(1, answer_rows // n_labels)
     scores = torch.empty(len(texts), n_labels)
     with autocast_for(model):
-        for start in range(0, len(order), batch_size):
+        for start in tqdm(range(0, len(order), batch_size), desc="zero-shot", unit="batch", leave=False):
             rows = order[start : start + batch_size]
             longest = max(len(prompts[i]) for i in rows)
             # Left padding puts every prompt's last token in the last column;
