@@ -19,7 +19,7 @@ err = Console(stderr=True, soft_wrap=True)
 
 # Exit codes: 1 bad input (data, config, model spec), 2 usage (typer), 3 saved
 # artifacts failed their parity check.
-EXIT_INPUT, EXIT_PARITY = 1, 3
+EXIT_INPUT, EXIT_USAGE, EXIT_PARITY = 1, 2, 3
 
 
 def _quiet_libraries() -> None:
@@ -167,11 +167,11 @@ def eval_(
 
 
 @app.command()
-def merge(
+def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `train`.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
 ) -> None:
-    """Merge the adapter into its base: a plain transformers model folder."""
+    """Merge the adapter into its base: a plain transformers model folder (labels and calibration included)."""
     _quiet_libraries()
     from intentlora.models import merge_run
 
@@ -180,6 +180,158 @@ def merge(
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"merged model written to [bold]{path}[/bold]")
+
+
+app.command("merge", help="The same as export (its older name).")(export)
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A run directory or a folder written by `export`.")],
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to classify (or --input FILE).")] = None,
+    input_file: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSON Lines to classify, streamed.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where --input's rows go, each with a prediction.")] = None,
+    text_field: Annotated[str, typer.Option(help="The field of --input rows that holds the text.")] = "text",
+    top_k: Annotated[int, typer.Option(min=1, help="How many labels to show per text.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
+    fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    json_lines: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad --input line (nothing is written).")] = False,
+) -> None:
+    """Classify texts given as arguments, or stream a JSON Lines file (--input, --output)."""
+    if bool(texts) == bool(input_file):
+        _fail("give texts to classify or --input FILE (not both)", EXIT_USAGE)
+    if input_file and not output:
+        _fail("--input needs --output FILE", EXIT_USAGE)
+    if input_file and not input_file.is_file():
+        _fail(f"{input_file}: file not found")
+    _quiet_libraries()
+    from intentlora.data import DataError
+    from intentlora.predict import IntentClassifier
+
+    try:
+        classifier = IntentClassifier.from_pretrained(
+            model, batch_size=batch_size, device=device, threshold=threshold, fallback_label=fallback_label
+        )
+        if input_file:
+            predict_jsonl(classifier, input_file, output, text_field, top_k, strict)
+        else:
+            print_predictions(texts, classifier.predict(texts, top_k), json_lines)
+    except DataError:
+        _fail(f"stopped at the first bad line (--strict); {output} not written")
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+
+
+def predict_jsonl(classifier, source: Path, target: Path, text_field: str, top_k: int, strict: bool) -> None:
+    """Bad lines are reported as they come and skipped; any of them makes the exit code 1."""
+    from tqdm.auto import tqdm
+
+    from intentlora.predict import predict_file
+
+    counts = predict_file(
+        classifier, source, target, text_field=text_field, top_k=top_k, strict=strict,
+        report=lambda problem: tqdm.write(str(problem), file=sys.stderr),
+    )
+    err.print(f"{counts.predicted} row(s) predicted, {counts.bad} bad line(s) skipped; written to {target}", highlight=False)
+    if counts.bad:
+        raise typer.Exit(EXIT_INPUT)
+
+
+def print_predictions(texts: list[str], predictions: list, json_lines: bool) -> None:
+    from rich.text import Text
+
+    if json_lines:
+        for text, p in zip(texts, predictions):
+            print(json.dumps({"text": text, **p.to_dict()}, ensure_ascii=False))
+        return
+    table = Table()
+    for column in ("text", "label", "score", "top-k"):
+        table.add_column(column, justify="right" if column == "score" else "left")
+    for text, p in zip(texts, predictions):
+        label = f"{p.label} (fallback)" if p.fallback else p.label
+        top = ", ".join(f"{t['label']} {t['score']:.3f}" for t in p.top_k)
+        table.add_row(Text(text), Text(label), f"{p.score:.4f}", Text(top))
+    console.print(table)
+
+
+@app.command()
+def calibrate(
+    model_path: Annotated[Path, typer.Argument(help="A run directory or a folder written by `export`.")],
+    data: Annotated[Path, typer.Option("--data", help="Labelled validation file (.jsonl or .csv), not the training data.")],
+    target_precision: Annotated[float, typer.Option(min=0.0, max=1.0, help="Precision the kept predictions must reach.")] = 0.95,
+    fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    device: Annotated[Optional[str], typer.Option()] = None,
+) -> None:
+    """Pick the out-of-scope threshold on labelled data; store it as MODEL_PATH/calibration.json."""
+    _quiet_libraries()
+    from intentlora.data import DataError
+    from intentlora.predict import IntentClassifier, calibrate as pick_threshold, write_calibration
+
+    try:
+        classifier = IntentClassifier.from_pretrained(model_path, batch_size=batch_size, device=device)
+        result = pick_threshold(classifier, data, target_precision, fallback_label)
+        path = write_calibration(model_path, result)
+    except DataError as e:
+        _fail(f"{len(e.problems)} problem(s) in the data (the model's labels plus the fallback label are allowed):\n{e}")
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    console.print(
+        f"threshold {result['threshold']:.4f}: precision {result['precision']:.4f} (target {target_precision}) "
+        f"on {round(result['coverage'] * result['n'])} of {result['n']} texts (coverage {result['coverage']:.4f}); "
+        f"below it: {result['fallback_label']!r}. Saved to {path}",
+        highlight=False,
+    )
+
+
+def _adapter_specs(values: list[str]) -> dict[str, str]:
+    """{NAME: RUN_DIR} from repeated --adapter NAME=RUN_DIR options."""
+    adapters: dict[str, str] = {}
+    for value in values:
+        name, _, path = value.partition("=")
+        if not name.strip() or not path.strip():
+            _fail(f"--adapter expects NAME=RUN_DIR, got {value!r}")
+        if name in adapters:
+            _fail(f"--adapter {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A run directory or a folder written by `export`; served as model 'default'.")],
+    adapter: Annotated[Optional[list[str]], typer.Option("--adapter", help="NAME=RUN_DIR: another adapter on the same base, served as model NAME (repeatable).")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the service to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="INTENTLORA_API_KEY", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY).")] = None,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts per micro-batch.")] = 32,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a micro-batch waits for more requests.")] = 5,
+    max_texts: Annotated[int, typer.Option(min=1, help="Texts per request; more get 413.")] = 64,
+    max_chars: Annotated[int, typer.Option(min=1, help="Characters per text; longer get 413.")] = 2000,
+    threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
+    fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+) -> None:
+    """Serve the model (and more adapters) over HTTP with micro-batching; API docs at /docs."""
+    adapters = _adapter_specs(adapter or [])
+    _quiet_libraries()
+    from intentlora.predict import IntentClassifier
+    from intentlora.serve import run
+
+    try:
+        classifier = IntentClassifier.from_pretrained(
+            model, adapters=adapters, batch_size=max_batch_size, device=device, threshold=threshold, fallback_label=fallback_label
+        )
+    except (OSError, ValueError) as e:
+        _fail(str(e))
+    if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+        err.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who reaches it can use it")
+    console.print(f"serving {', '.join(classifier.models)} on http://{host}:{port} (API docs: /docs)", highlight=False)
+    run(classifier, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
+        max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars)
 
 
 if __name__ == "__main__":

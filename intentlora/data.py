@@ -88,36 +88,48 @@ def load_file(
     return result
 
 
+BOM = b"\xef\xbb\xbf"  # harmless at the start of a file; Excel and Notepad write it
+
+
 def _lines(path: Path, result: LoadResult) -> list[tuple[int, str]]:
-    """Decode line by line so one bad byte names its own line, not the file."""
     out = []
-    data = path.read_bytes()
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 BOM is harmless; Excel and Notepad write it
+    data = path.read_bytes().removeprefix(BOM)
     for line_no, raw in enumerate(data.split(b"\n"), start=1):
-        raw = raw.rstrip(b"\r")
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            result.problems.append(
-                Problem(f"{path}:{line_no}", f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8")
-            )
-            continue
-        if "\x00" in line:
-            result.problems.append(Problem(f"{path}:{line_no}", "contains NUL bytes (binary data?)"))
-            continue
-        if line.strip():
+        line = decode_line(raw, f"{path}:{line_no}", result.problems)
+        if line is not None and line.strip():
             out.append((line_no, line))
     return out
+
+
+def decode_line(raw: bytes, where: str, problems: list[Problem]) -> str | None:
+    """Decode line by line so one bad byte names its own line, not the file."""
+    raw = raw.rstrip(b"\r\n")
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        problems.append(Problem(where, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8"))
+        return None
+    if "\x00" in line:
+        problems.append(Problem(where, "contains NUL bytes (binary data?)"))
+        return None
+    return line
+
+
+def parse_json(line: str, where: str, problems: list[Problem]) -> tuple[bool, object]:
+    """(parsed, value): a tuple, since `null` is valid JSON whose value is None."""
+    try:
+        return True, json.loads(line)
+    except json.JSONDecodeError as err:
+        problems.append(Problem(where, f"invalid JSON: {err.msg} (column {err.colno})"))
+        return False, None
 
 
 def _jsonl_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
     rows = []
     for line_no, line in _lines(path, result):
-        try:
-            rows.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as err:
-            result.problems.append(Problem(f"{path}:{line_no}", f"invalid JSON: {err.msg} (column {err.colno})"))
+        parsed, row = parse_json(line, f"{path}:{line_no}", result.problems)
+        if parsed:
+            rows.append((line_no, row))
     return rows
 
 
@@ -144,23 +156,26 @@ def _csv_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
 
 
 def _check_row(row: object, where: str, text_field: str, label_field: str, result: LoadResult) -> Example | None:
-    if not isinstance(row, dict):
-        result.problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
-        return None
-    problems = []
-    for name in (text_field, label_field):
-        if name not in row:
-            problems.append(f"missing field {name!r}")
-        elif not isinstance(row[name], str):
-            problems.append(f"field {name!r} must be a string, got {type(row[name]).__name__}")
-    if not problems and not row[text_field].strip():
-        problems.append(f"field {text_field!r} is empty")
-    if not problems and not row[label_field].strip():
-        problems.append(f"field {label_field!r} is empty")
-    if problems:
-        result.problems.extend(Problem(where, p) for p in problems)
+    if not check_fields(row, where, (text_field, label_field), result.problems):
         return None
     return Example(text=row[text_field], label=row[label_field], source=where)
+
+
+def check_fields(row: object, where: str, fields: tuple[str, ...], problems: list[Problem]) -> bool:
+    """True if `row` is an object whose `fields` are non-empty strings; else the problems are listed."""
+    if not isinstance(row, dict):
+        problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
+        return False
+    found = []
+    for name in fields:
+        if name not in row:
+            found.append(f"missing field {name!r}")
+        elif not isinstance(row[name], str):
+            found.append(f"field {name!r} must be a string, got {type(row[name]).__name__}")
+    if not found:
+        found = [f"field {name!r} is empty" for name in fields if not row[name].strip()][:1]
+    problems.extend(Problem(where, message) for message in found)
+    return not found
 
 
 def normalize(text: str) -> str:

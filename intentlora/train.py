@@ -72,13 +72,18 @@ def train(cfg: Config, echo=print) -> RunResult:
     baselines = run_baselines(model, tokenizer, splits, cfg, model_path, precision, echo)
 
     trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision)
+    tokens = TokenCounter()
+    hook = model.register_forward_pre_hook(tokens, with_kwargs=True)
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    hook.remove()
 
     adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
     parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
+    start = time.perf_counter()
     lora_metrics, probs = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
+    eval_seconds = time.perf_counter() - start
 
     metrics = {
         "labels": splits.labels,
@@ -88,6 +93,11 @@ def train(cfg: Config, echo=print) -> RunResult:
         "train": {
             "seconds": round(seconds, 2),
             "samples_per_s": round(len(splits.train) * cfg.train.epochs / seconds, 3),
+            "real_tokens_per_s": round(tokens.real / seconds, 1),
+            "padded_tokens_per_s": round(tokens.padded / seconds, 1),
+            "padding_share": round(1 - tokens.real / max(tokens.padded, 1), 4),
+            "eval_seconds": round(eval_seconds, 2),
+            "eval_samples_per_s": round(len(splits.test) / eval_seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "precision": precision,
             "epochs": cfg.train.epochs,
@@ -202,6 +212,19 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
+
+
+class TokenCounter:
+    """Counts the real and the padded tokens of training forward passes: padding is compute spent on nothing."""
+
+    def __init__(self):
+        self.real = self.padded = 0
+
+    def __call__(self, module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if module.training and mask is not None:  # not the per-epoch evaluation
+            self.real += int(mask.sum())
+            self.padded += mask.numel()
 
 
 def save_run(model, tokenizer, labels: list[str], cfg: Config, run_dir: Path) -> Path:

@@ -81,3 +81,39 @@ def tiny_config(model: Path, train: Path, test: Path, output: Path, **overrides)
     }
     values.update(overrides)
     return load_config(None, values)
+
+
+THREE_LABELS = ["balance", "card_lost", "refund"]
+
+
+def _train_tiny_run(base: Path, folder: Path, rows: dict[str, list[dict]]) -> Path:
+    """A complete run directory (adapter, labels.json, config.yaml, metrics.json); no baselines, for speed."""
+    from intentlora.train import train
+
+    train_file = write_jsonl(folder / "train.jsonl", rows["train"])
+    test_file = write_jsonl(folder / "test.jsonl", rows["test"])
+    cfg = tiny_config(base, train_file, test_file, folder / "run", **{"eval.baselines": []})
+    return train(cfg, echo=lambda _: None).run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_qwen2, tmp_path_factory, bundled_rows) -> Path:
+    """A trained run directory on `tiny_qwen2` with the bundled five labels."""
+    rows = {"train": bundled_rows["train"][:60], "test": bundled_rows["test"][:25]}
+    return _train_tiny_run(tiny_qwen2, tmp_path_factory.mktemp("tiny-run"), rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_3labels(tiny_qwen2, tmp_path_factory, bundled_rows) -> Path:
+    """A second run on the same `tiny_qwen2` base with three labels (THREE_LABELS): another adapter, another head shape."""
+    rows = {split: [r for r in bundled_rows[split] if r["label"] in THREE_LABELS] for split in ("train", "test")}
+    rows = {"train": rows["train"][:45], "test": rows["test"][:15]}
+    return _train_tiny_run(tiny_qwen2, tmp_path_factory.mktemp("tiny-run-3labels"), rows)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tiny_run, tmp_path_factory) -> Path:
+    """`tiny_run` merged by `export`: a plain transformers classifier folder."""
+    from intentlora.models import merge_run
+
+    return merge_run(tiny_run, tmp_path_factory.mktemp("tiny-export") / "model")

@@ -1,9 +1,12 @@
 import json
+import shutil
 
+import pytest
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
-from transformers import AutoModelForSequenceClassification
 
-from intentlora.cli import EXIT_INPUT, app
+from intentlora import IntentClassifier
+from intentlora.cli import EXIT_INPUT, EXIT_USAGE, app
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -93,3 +96,108 @@ def test_eval_a_run_a_merged_model_and_its_errors(tmp_path, small_data, tiny_qwe
     other_labels = write_jsonl(tmp_path / "other.jsonl", [{"text": "hello", "label": "weather"}])
     mismatch = runner.invoke(app, ["eval", "--adapter", str(run), "--data", str(other_labels)])
     assert mismatch.exit_code == EXIT_INPUT and f"{other_labels}:1: unknown label 'weather'" in mismatch.output
+
+
+TEXTS = ["查余额", "我的信用卡昨天在地铁上丢了，怎么挂失", "退款 [bold]please[/bold]", "有人冒充客服让我转账"]
+
+
+def probabilities(prediction: dict) -> dict[str, float]:
+    return {t["label"]: t["score"] for t in prediction["top_k"]}
+
+
+def assert_matches_api(predictions: list[dict], expected) -> None:
+    assert [p["label"] for p in predictions] == [e.label for e in expected]
+    for p, e in zip(predictions, expected):
+        assert probabilities(p) == pytest.approx(probabilities(e.to_dict()), abs=1e-5)
+
+
+def test_predict_texts_and_files_match_the_api_on_a_run_and_its_export(tiny_run, tiny_export, tmp_path):
+    expected = IntentClassifier.from_pretrained(tiny_run).predict(TEXTS, top_k=5)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": t} for i, t in enumerate(TEXTS)])
+    for model in (tiny_run, tiny_export):
+        result = runner.invoke(app, ["predict", "--model", str(model), "--top-k", "5", "--json", *TEXTS])
+        assert result.exit_code == 0, result.output
+        lines = [json.loads(line) for line in result.stdout.splitlines()]
+        assert [line["text"] for line in lines] == TEXTS
+        assert_matches_api(lines, expected)
+
+        out = tmp_path / "out.jsonl"
+        streamed = runner.invoke(app, ["predict", "-m", str(model), "-i", str(source), "-o", str(out), "--top-k", "5", "--batch-size", "3"])
+        assert streamed.exit_code == 0, streamed.output
+        rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+        assert [r["id"] for r in rows] == [0, 1, 2, 3]
+        assert_matches_api([r["prediction"] for r in rows], expected)
+        assert "4 row(s) predicted, 0 bad line(s)" in streamed.stderr
+
+
+def test_predict_prints_a_table_with_fallbacks(tiny_run):
+    result = runner.invoke(app, ["predict", "-m", str(tiny_run), "--top-k", "2", "--threshold", "1", *TEXTS])
+    assert result.exit_code == 0, result.output
+    for column in ("text", "label", "score", "top-k"):
+        assert column in result.stdout
+    assert "[bold]please[/bold]" in result.stdout  # texts are shown as they are, never as markup
+    assert result.stdout.count("other (fallback)") == len(TEXTS)
+
+
+def test_predict_reports_bad_lines_and_writes_the_good_ones(tiny_run, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes(b'{"text": "\xe6\x9f\xa5\xe4\xbd\x99\xe9\xa2\x9d"}\nnot json\n{"text": 3}\n\xff\n{"msg": "x"}\n{"msg": "\xe9\x80\x80\xe6\xac\xbe"}\n')
+    out = tmp_path / "out.jsonl"
+    result = runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(source), "-o", str(out)])
+    assert result.exit_code == EXIT_INPUT
+    for line, message in ((2, "invalid JSON"), (3, "field 'text' must be a string, got int"), (4, "not valid UTF-8"), (5, "missing field 'text'"), (6, "missing field 'text'")):
+        assert f"{source}:{line}: {message}" in result.stderr
+    assert "1 row(s) predicted, 5 bad line(s) skipped" in result.stderr
+    assert "Traceback" not in result.output
+    assert [json.loads(line)["text"] for line in out.read_text(encoding="utf-8").splitlines()] == ["查余额"]
+
+    by_field = runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(source), "-o", str(out), "--text-field", "msg"])
+    assert by_field.exit_code == EXIT_INPUT and "2 row(s) predicted" in by_field.stderr
+
+    strict_out = tmp_path / "strict.jsonl"
+    strict = runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(source), "-o", str(strict_out), "--strict"])
+    assert strict.exit_code == EXIT_INPUT
+    assert f"{source}:2: invalid JSON" in strict.stderr and f"{source}:3:" not in strict.stderr
+    assert not strict_out.exists() and list(tmp_path.glob(".strict*")) == []
+
+
+def test_predict_usage_and_input_errors(tiny_run, tmp_path):
+    assert runner.invoke(app, ["predict", "-m", str(tiny_run)]).exit_code == EXIT_USAGE
+    assert runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(tmp_path / "x.jsonl")]).exit_code == EXIT_USAGE
+    missing = runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(tmp_path / "x.jsonl"), "-o", str(tmp_path / "y.jsonl")])
+    assert missing.exit_code == EXIT_INPUT and "file not found" in missing.stderr
+    no_model = runner.invoke(app, ["predict", "-m", str(tmp_path / "nope"), "hello"])
+    assert no_model.exit_code == EXIT_INPUT and "no such run directory" in no_model.stderr
+    assert "Traceback" not in no_model.output
+
+
+def test_calibrate_then_export_carries_the_threshold(tiny_run, tmp_path, bundled_rows):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    data = write_jsonl(tmp_path / "valid.jsonl", bundled_rows["test"][25:85])
+    result = runner.invoke(app, ["calibrate", str(run), "--data", str(data), "--target-precision", "0.3"])
+    assert result.exit_code == 0, result.output
+    calibration = json.loads((run / "calibration.json").read_text())
+    assert calibration["precision"] >= 0.3 and calibration["fallback_label"] == "other" and calibration["n"] == 60
+    assert f"precision {calibration['precision']:.4f}" in result.stdout and f"coverage {calibration['coverage']:.4f}" in result.stdout
+
+    exported = runner.invoke(app, ["export", str(run), str(tmp_path / "merged")])
+    assert exported.exit_code == 0, exported.output
+    merged = tmp_path / "merged"
+    assert json.loads((merged / "calibration.json").read_text()) == calibration
+    assert json.loads((merged / "labels.json").read_text()) == json.loads((run / "labels.json").read_text())
+    model = AutoModelForSequenceClassification.from_pretrained(merged)
+    assert model.config.id2label[3] == "other" and model.config.pad_token_id is not None
+    assert AutoTokenizer.from_pretrained(merged).model_max_length == 128  # the run's truncation length
+    texts = [r["text"] for r in bundled_rows["test"][25:85]]
+    assert_matches_api([p.to_dict() for p in IntentClassifier.from_pretrained(merged).predict(texts)],
+                       IntentClassifier.from_pretrained(run).predict(texts))
+
+
+def test_calibrate_refuses_unreachable_targets_and_bad_data(tiny_run, tmp_path, bundled_rows):
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    oos = write_jsonl(tmp_path / "oos.jsonl", [{"text": r["text"], "label": "out_of_scope"} for r in bundled_rows["test"][:10]])
+    result = runner.invoke(app, ["calibrate", str(run), "--data", str(oos), "--fallback-label", "out_of_scope"])
+    assert result.exit_code == EXIT_INPUT and "no threshold reaches precision 0.95" in result.stderr
+    assert not (run / "calibration.json").exists()
+    unknown = runner.invoke(app, ["calibrate", str(run), "--data", str(oos)])
+    assert unknown.exit_code == EXIT_INPUT and f"{oos}:1: unknown label 'out_of_scope'" in unknown.stderr

@@ -3,7 +3,15 @@ import torch
 from peft import PeftModel
 
 from intentlora.config import LoraConfig
-from intentlora.models import add_lora, load_classifier, load_tokenizer, parameter_counts, resolve_model_path, target_modules_for
+from intentlora.models import (
+    add_lora,
+    head_with_outputs,
+    load_classifier,
+    load_tokenizer,
+    parameter_counts,
+    resolve_model_path,
+    target_modules_for,
+)
 from intentlora.predict import batched_logits
 
 LABELS = ["a", "b", "c"]
@@ -70,3 +78,13 @@ def test_resolve_model_path_keeps_hub_ids_and_rejects_missing_gguf(tmp_path, tin
         resolve_model_path(str(tmp_path / "missing.gguf"))
     with pytest.raises(Exception, match="unknown offline model"):
         resolve_model_path("pypi:nope")
+
+
+def test_a_head_can_be_resized_for_another_label_set():
+    """Each adapter of a shared base gets a head for its own labels (RoBERTa-style nested heads too)."""
+    linear = torch.nn.Linear(8, 5)
+    assert (head_with_outputs(linear, 3).in_features, head_with_outputs(linear, 3).out_features) == (8, 3)
+    nested = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 5))
+    resized = head_with_outputs(nested, 3)
+    assert resized[0].out_features == 8 and resized[2].out_features == 3
+    assert nested[2].out_features == 5  # the base head is left alone

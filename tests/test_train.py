@@ -35,6 +35,8 @@ def test_run_directory_holds_everything_promised(qwen_run):
         assert set(section["per_class"]) == set(metrics["labels"])
     assert metrics["train"]["seconds"] > 0 and metrics["train"]["samples_per_s"] > 0 and metrics["train"]["peak_rss_mb"] > 0
     assert 0 < metrics["train"]["trainable_params"] < metrics["train"]["total_params"]
+    assert 0 < metrics["train"]["real_tokens_per_s"] <= metrics["train"]["padded_tokens_per_s"]
+    assert metrics["train"]["eval_samples_per_s"] > 0
     assert metrics["parity"]["reload_max_abs_diff"] < 1e-4 and metrics["parity"]["merge_max_abs_diff"] < 1e-4
     assert "Baselines vs LoRA" in (run / "report.md").read_text()
 
@@ -115,3 +117,20 @@ def test_report_files_and_plots(qwen_run):
     lora = result.metrics["lora"]
     assert len(errors) == round(lora["n"] * (1 - lora["accuracy"]))
     assert all(e["gold"] != e["predicted"] and 0 < e["confidence"] <= 1 and ":" in e["source"] for e in errors)
+
+
+def test_token_counts_show_the_padding_the_reference_pays_for(tiny_qwen2, tmp_path, small_data):
+    """Padding every text to max_length (the reference) vs per batch: the counter must tell them apart."""
+    train_file, test_file = small_data
+    shares = {}
+    for pad in (True, False):
+        cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / str(pad), **{
+            "train.pad_to_max_length": pad, "train.epochs": 1, "train.batch_size": 4, "data.max_length": 64,
+            "data.valid_fraction": 0.0, "eval.baselines": [],
+        })
+        result = train(cfg, echo=lambda _: None)
+        t = result.metrics["train"]
+        shares[pad] = t["padding_share"]
+        lengths = [len(ids) for ids in load_tokenizer(str(tiny_qwen2))([ex.text for ex in load_data(cfg).train], truncation=True, max_length=64)["input_ids"]]
+        assert t["real_tokens_per_s"] * t["seconds"] == pytest.approx(sum(lengths), rel=0.01)
+    assert shares[True] > shares[False] >= 0
