@@ -37,6 +37,10 @@ def _fail(message: str, code: int = EXIT_INPUT) -> None:
     raise typer.Exit(code)
 
 
+# Loading a pickle (.bin) runs whatever code the file holds: safetensors only, unless asked.
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights when a model has no safetensors; pickle can run code.")]
+
+
 def _labels(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
@@ -58,6 +62,10 @@ def train(
     seed: Annotated[Optional[int], typer.Option()] = None,
     drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop (and report) rows with labels outside --labels.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model (off by default).")] = False,
+    allow_pickle: AllowPickle = False,
+    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: 4-bit NF4 base (CUDA and pip install bitsandbytes).")] = False,
+    save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint (and evaluate) every N steps (default: every epoch).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output from its last complete checkpoint.")] = False,
     output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory (default runs/<timestamp>).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config value: section.key=value (repeatable).")] = None,
 ) -> None:
@@ -71,6 +79,9 @@ def train(
         "train.precision": precision, "train.seed": seed, "output.dir": output,
         "data.drop_unknown": True if drop_unknown else None,
         "model.trust_remote_code": True if trust_remote_code else None,
+        "model.allow_pickle": True if allow_pickle else None,
+        "model.load_in_4bit": True if load_in_4bit else None,
+        "train.save_steps": save_steps,
     }
     try:
         for assignment in set_ or []:
@@ -79,15 +90,19 @@ def train(
         cfg = load_config(config, overrides)
     except (ConfigError, OSError) as e:
         _fail(str(e))
+    if resume and not cfg.output.dir:
+        _fail("--resume needs --output DIR: the run to continue", EXIT_USAGE)
     if cfg.model.trust_remote_code:
         err.print("[yellow]warning:[/yellow] trust_remote_code is on: code from the model repository will run")
+    if cfg.model.allow_pickle:
+        err.print("[yellow]warning:[/yellow] allow_pickle is on: pickle weights, if the model has no safetensors, can run code when loaded")
     _quiet_libraries()
     from intentlora.data import DataError
     from intentlora.offline import OfflineModelError
     from intentlora.train import ParityError, train as run_training
 
     try:
-        result = run_training(cfg, echo=lambda line: console.print(line, highlight=False, markup=False))
+        result = run_training(cfg, echo=lambda line: console.print(line, highlight=False, markup=False), resume=resume)
     except DataError as e:
         _fail(f"{len(e.problems)} problem(s) in the data:\n{e}")
     except ParityError as e:
@@ -149,6 +164,7 @@ def eval_(
     labels: Annotated[Optional[str], typer.Option(help="Label set for zero-shot (default: labels found in --data).")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the metrics as JSON here.")] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Evaluate a saved run, a merged model or a base model (zero-shot) on any labelled file."""
     _quiet_libraries()
@@ -156,7 +172,9 @@ def eval_(
     from intentlora.evaluate import evaluate_file
 
     try:
-        kind, metrics = evaluate_file(str(data), model, str(adapter) if adapter else None, _labels(labels), batch_size=batch_size)
+        kind, metrics = evaluate_file(
+            str(data), model, str(adapter) if adapter else None, _labels(labels), batch_size=batch_size, allow_pickle=allow_pickle
+        )
     except DataError as e:
         _fail(f"{len(e.problems)} problem(s) in the data (the model's labels: see above):\n{e}")
     except (FileNotFoundError, OSError, ValueError) as e:
@@ -170,13 +188,14 @@ def eval_(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `train`.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Merge the adapter into its base: a plain transformers model folder (labels and calibration included)."""
     _quiet_libraries()
     from intentlora.models import merge_run
 
     try:
-        path = merge_run(run_dir, out_dir)
+        path = merge_run(run_dir, out_dir, allow_pickle)
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"merged model written to [bold]{path}[/bold]")
@@ -199,6 +218,7 @@ def predict(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad --input line (nothing is written).")] = False,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Classify texts given as arguments, or stream a JSON Lines file (--input, --output)."""
     if bool(texts) == bool(input_file):
@@ -213,7 +233,7 @@ def predict(
 
     try:
         classifier = IntentClassifier.from_pretrained(
-            model, batch_size=batch_size, device=device, threshold=threshold, fallback_label=fallback_label
+            model, batch_size=batch_size, device=device, threshold=threshold, fallback_label=fallback_label, allow_pickle=allow_pickle
         )
         if input_file:
             predict_jsonl(classifier, input_file, output, text_field, top_k, strict)
@@ -265,6 +285,7 @@ def calibrate(
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[Optional[str], typer.Option()] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Pick the out-of-scope threshold on labelled data; store it as MODEL_PATH/calibration.json."""
     _quiet_libraries()
@@ -272,7 +293,7 @@ def calibrate(
     from intentlora.predict import IntentClassifier, calibrate as pick_threshold, write_calibration
 
     try:
-        classifier = IntentClassifier.from_pretrained(model_path, batch_size=batch_size, device=device)
+        classifier = IntentClassifier.from_pretrained(model_path, batch_size=batch_size, device=device, allow_pickle=allow_pickle)
         result = pick_threshold(classifier, data, target_precision, fallback_label)
         path = write_calibration(model_path, result)
     except DataError as e:
@@ -307,7 +328,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the service to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="INTENTLORA_API_KEY", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY).")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts per micro-batch.")] = 32,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts per micro-batch: concurrent requests are combined up to this.")] = 32,
     max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a micro-batch waits for more requests.")] = 5,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts per request; more get 413.")] = 64,
     max_chars: Annotated[int, typer.Option(min=1, help="Characters per text; longer get 413.")] = 2000,

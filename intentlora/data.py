@@ -2,7 +2,12 @@
 
 Nothing the user gave is dropped without a report: rows are either loaded,
 or reported as errors (which stop training), or - with `drop_unknown` -
-reported one by one as dropped.
+reported one by one as dropped. Whatever the bytes, the loader returns
+examples and problems and never raises (a property test holds it to that):
+bytes that are not UTF-8, NUL bytes, lines over 1 MiB, bad JSON or CSV and
+bad fields are errors at their line; a UTF-16 file, a file with no examples
+or a CSV header without the needed columns are one error for the file. A
+UTF-8 BOM and CRLF line ends are accepted.
 """
 
 from __future__ import annotations
@@ -69,7 +74,19 @@ def load_file(
     if not path.is_file():
         result.problems.append(Problem(str(path), "not a regular file (is it a directory?)"))
         return result
-    rows = _csv_rows(path, result) if path.suffix.lower() == ".csv" else _jsonl_rows(path, result)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        result.problems.append(Problem(str(path), f"cannot read: {err.strerror or err}"))
+        return result
+    if data.startswith(UTF16_BOMS):
+        result.problems.append(Problem(str(path), "UTF-16 text (it starts with a UTF-16 byte-order mark); save the file as UTF-8"))
+        return result
+    lines = _lines(path, data, result)
+    if path.suffix.lower() == ".csv":
+        rows = _csv_rows(path, lines, (text_field, label_field), result)
+    else:
+        rows = _jsonl_rows(path, lines, result)
     known = set(labels) if labels is not None else None
     for line_no, row in rows:
         where = f"{path}:{line_no}"
@@ -89,12 +106,19 @@ def load_file(
 
 
 BOM = b"\xef\xbb\xbf"  # harmless at the start of a file; Excel and Notepad write it
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # Windows "Unicode" text: every line would fail alone
+# One example per line, and intents are short: a longer line is a file that is
+# not JSON Lines (a JSON array on one line, a binary file), not an example.
+MAX_LINE_BYTES = 2**20
 
 
-def _lines(path: Path, result: LoadResult) -> list[tuple[int, str]]:
+def _lines(path: Path, data: bytes, result: LoadResult) -> list[tuple[int, str]]:
+    """(line number, text) of the non-blank lines that decode; the others are reported."""
     out = []
-    data = path.read_bytes().removeprefix(BOM)
-    for line_no, raw in enumerate(data.split(b"\n"), start=1):
+    for line_no, raw in enumerate(data.removeprefix(BOM).split(b"\n"), start=1):
+        if len(raw) > MAX_LINE_BYTES:
+            result.problems.append(Problem(f"{path}:{line_no}", f"line is {len(raw):,} bytes long, over the {MAX_LINE_BYTES:,} limit (one short example per line expected)"))
+            continue
         line = decode_line(raw, f"{path}:{line_no}", result.problems)
         if line is not None and line.strip():
             out.append((line_no, line))
@@ -110,7 +134,7 @@ def decode_line(raw: bytes, where: str, problems: list[Problem]) -> str | None:
         problems.append(Problem(where, f"not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); save the file as UTF-8"))
         return None
     if "\x00" in line:
-        problems.append(Problem(where, "contains NUL bytes (binary data?)"))
+        problems.append(Problem(where, "contains NUL bytes (UTF-16 or binary data?); save the file as UTF-8"))
         return None
     return line
 
@@ -121,30 +145,44 @@ def parse_json(line: str, where: str, problems: list[Problem]) -> tuple[bool, ob
         return True, json.loads(line)
     except json.JSONDecodeError as err:
         problems.append(Problem(where, f"invalid JSON: {err.msg} (column {err.colno})"))
-        return False, None
+    except ValueError as err:  # an integer of over 4300 digits
+        problems.append(Problem(where, f"invalid JSON: {err}"))
+    except RecursionError:
+        problems.append(Problem(where, "invalid JSON: nested too deeply"))
+    return False, None
 
 
-def _jsonl_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
+def _jsonl_rows(path: Path, lines: list[tuple[int, str]], result: LoadResult) -> list[tuple[int, object]]:
     rows = []
-    for line_no, line in _lines(path, result):
+    for line_no, line in lines:
         parsed, row = parse_json(line, f"{path}:{line_no}", result.problems)
         if parsed:
             rows.append((line_no, row))
     return rows
 
 
-def _csv_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
-    lines = _lines(path, result)
+def _csv_rows(path: Path, lines: list[tuple[int, str]], needed: tuple[str, ...], result: LoadResult) -> list[tuple[int, object]]:
+    """One record per line: a quoted field that runs over a line end is reported, not glued to the next line.
+
+    A header that cannot be read, or lacks a needed column, is one problem
+    (saying how many rows it leaves unread) rather than one per row.
+    """
     if not lines:
         return []
     header_line, header = lines[0]
+    where = f"{path}:{header_line}"
+    fields = _csv_values(header, where, result.problems)
+    missing = [name for name in needed if name not in fields] if fields is not None else []
+    if missing:
+        columns = ", ".join(repr(name) for name in missing)
+        result.problems.append(Problem(where, f"the header lacks column(s) {columns} (it has: {', '.join(fields)}); rename them or name yours with text_field/label_field"))
+    if fields is None or missing:
+        result.problems.append(Problem(where, f"no rows read: {len(lines) - 1} line(s) after the header"))
+        return []
     rows = []
-    fields = next(csv.reader([header]))
     for line_no, line in lines[1:]:
-        try:
-            values = next(csv.reader(io.StringIO(line)))
-        except csv.Error as err:
-            result.problems.append(Problem(f"{path}:{line_no}", f"invalid CSV: {err}"))
+        values = _csv_values(line, f"{path}:{line_no}", result.problems)
+        if values is None:
             continue
         if len(values) != len(fields):
             result.problems.append(
@@ -153,6 +191,14 @@ def _csv_rows(path: Path, result: LoadResult) -> list[tuple[int, object]]:
             continue
         rows.append((line_no, dict(zip(fields, values))))
     return rows
+
+
+def _csv_values(line: str, where: str, problems: list[Problem]) -> list[str] | None:
+    try:
+        return next(csv.reader(io.StringIO(line), strict=True))
+    except csv.Error as err:
+        problems.append(Problem(where, f"invalid CSV: {err}"))
+        return None
 
 
 def _check_row(row: object, where: str, text_field: str, label_field: str, result: LoadResult) -> Example | None:
@@ -164,18 +210,35 @@ def _check_row(row: object, where: str, text_field: str, label_field: str, resul
 def check_fields(row: object, where: str, fields: tuple[str, ...], problems: list[Problem]) -> bool:
     """True if `row` is an object whose `fields` are non-empty strings; else the problems are listed."""
     if not isinstance(row, dict):
-        problems.append(Problem(where, f"expected a JSON object, got {type(row).__name__}"))
+        problems.append(Problem(where, f"expected a JSON object, got {json_type(row)}"))
         return False
     found = []
     for name in fields:
         if name not in row:
             found.append(f"missing field {name!r}")
         elif not isinstance(row[name], str):
-            found.append(f"field {name!r} must be a string, got {type(row[name]).__name__}")
+            found.append(f"field {name!r} must be a string, got {json_type(row[name])}")
     if not found:
         found = [f"field {name!r} is empty" for name in fields if not row[name].strip()][:1]
+    if not found:
+        found = [f"field {name!r} holds an unpaired surrogate (a broken \\u escape)" for name in fields if not _encodable(row[name])][:1]
     problems.extend(Problem(where, message) for message in found)
     return not found
+
+
+def json_type(value: object) -> str:
+    """The JSON name of a parsed value's type: users wrote JSON, not Python."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _encodable(text: str) -> bool:
+    """False for strings JSON can carry but UTF-8 cannot ("\\ud800"): tokenizers and output files fail on them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def normalize(text: str) -> str:

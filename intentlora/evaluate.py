@@ -141,7 +141,8 @@ def zero_shot_baseline(model, tokenizer, examples: list[Example], labels: list[s
 
 
 def evaluate_file(data: str, model: str | None = None, adapter: str | None = None, labels: list[str] | None = None,
-                  descriptions: dict[str, str] | None = None, batch_size: int = 64, max_length: int = 128) -> tuple[str, dict]:
+                  descriptions: dict[str, str] | None = None, batch_size: int = 64, max_length: int = 128,
+                  allow_pickle: bool = False) -> tuple[str, dict]:
     """Evaluate a saved run (base + adapter), a merged classifier, or a base model (zero-shot).
 
     Returns (what was evaluated, metrics). The file is checked against the
@@ -151,13 +152,13 @@ def evaluate_file(data: str, model: str | None = None, adapter: str | None = Non
     from intentlora.models import load_causal_lm, load_merged_classifier, load_run, load_tokenizer, precision_dtype, resolve_model_path
 
     if adapter:
-        classifier, tokenizer, labels = load_run(adapter, precision_dtype("auto"), base=model)
+        classifier, tokenizer, labels = load_run(adapter, precision_dtype("auto"), base=model, allow_pickle=allow_pickle)
         kind = "lora"
     else:
         if not model:
             raise ValueError("give --model (a merged model or a base model) or --adapter RUN_DIR")
         path = resolve_model_path(model)
-        loaded = load_merged_classifier(path)
+        loaded = load_merged_classifier(path, allow_pickle=allow_pickle)
         if loaded:
             classifier, tokenizer, labels = loaded
             kind = "classifier"
@@ -173,7 +174,7 @@ def evaluate_file(data: str, model: str | None = None, adapter: str | None = Non
     else:
         if not tokenizer.chat_template:
             raise ValueError(f"{model}: not a classifier and has no chat template, so it cannot be prompted zero-shot")
-        lm = load_causal_lm(path, precision_dtype("auto"))
+        lm = load_causal_lm(path, precision_dtype("auto"), allow_pickle=allow_pickle)
         metrics = zero_shot_baseline(lm, tokenizer, result.examples, labels, descriptions)
     metrics["labels"] = labels
     return kind, metrics

@@ -8,6 +8,7 @@ and `trust_remote_code` off unless asked.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import os
@@ -44,6 +45,17 @@ CALIBRATION_FILE = "calibration.json"
 
 class IncompleteRunError(FileNotFoundError):
     """A run directory that `train` did not finish: its adapter may be half written or untested."""
+
+
+class PickleWeightsError(ValueError):
+    """A model folder whose weights are pickle files only: unpickling can run code hidden in them."""
+
+
+class QuantizationError(ValueError):
+    """4-bit loading was asked for where bitsandbytes cannot run it."""
+
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 def resolve_model_path(spec: str, revision: str | None = None) -> str:
@@ -89,6 +101,48 @@ def cpu_has_native_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def check_safetensors(path: str, allow_pickle: bool = False) -> None:
+    """Refuse a local folder whose weights are pickle files only, unless `allow_pickle`.
+
+    transformers would refuse too (we ask for safetensors), but with a message
+    that does not say why or what to do.
+    """
+    folder = Path(path)
+    if allow_pickle or not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleWeightsError(
+            f"{path}: the weights are pickle files only ({', '.join(pickles)}), and loading pickle can run code hidden in it; "
+            "intentlora loads safetensors only. Convert them to safetensors where you trust them, or pass --allow-pickle "
+            "(config model.allow_pickle: true) if you trust where they come from"
+        )
+
+
+def weights_format(path: str, allow_pickle: bool) -> dict:
+    """from_pretrained arguments: safetensors only, or (allowed) safetensors first, then pickle."""
+    check_safetensors(path, allow_pickle)
+    return {"use_safetensors": None if allow_pickle else True}
+
+
+def check_4bit_supported() -> None:
+    """Say at the start, before data and model load, that --load-in-4bit cannot run here."""
+    if not torch.cuda.is_available():
+        raise QuantizationError("--load-in-4bit (model.load_in_4bit) needs a CUDA GPU: bitsandbytes 4-bit runs on CUDA only; drop it to train in bf16 or fp32")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise QuantizationError("--load-in-4bit (model.load_in_4bit) needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization(load_in_4bit: bool) -> dict:
+    """from_pretrained arguments for QLoRA's frozen base: 4-bit NF4 weights, bf16 compute, on the current GPU."""
+    if not load_in_4bit:
+        return {}
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
 def load_tokenizer(path: str, trust_remote_code: bool = False, revision: str | None = None):
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, revision=revision)
     if tokenizer.pad_token is None:
@@ -107,6 +161,8 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     revision: str | None = None,
+    allow_pickle: bool = False,
+    load_in_4bit: bool = False,
 ) -> PreTrainedModel:
     """The base model with a new classification head for `labels`."""
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -117,7 +173,8 @@ def load_classifier(
         dtype=dtype,
         trust_remote_code=trust_remote_code,
         revision=revision,
-        use_safetensors=True,
+        **weights_format(path, allow_pickle),
+        **quantization(load_in_4bit),
     )
     model.config.pad_token_id = pad_token_id
     # The new head is trained in full: keep it fp32 on a bf16 base, so the
@@ -129,10 +186,18 @@ def load_classifier(
     return model
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, revision: str | None = None) -> PreTrainedModel:
+def load_causal_lm(
+    path: str,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+    load_in_4bit: bool = False,
+) -> PreTrainedModel:
     """The base model with its language-model head, for zero-shot prompting."""
     return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True
+        path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
+        **weights_format(path, allow_pickle), **quantization(load_in_4bit),
     )
 
 
@@ -208,36 +273,46 @@ def dir_size_mb(path: Path) -> float:
 
 def check_run_dir(run_dir: Path) -> None:
     """Refuse folders that are not runs, and runs that `train` did not finish (metrics.json is written last)."""
+    if (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file():
+        raise IncompleteRunError(
+            f"{run_dir}: incomplete run (no metrics.json): training did not finish or crashed, "
+            "so the adapter may be partial or failed its parity check; train again (or --resume)"
+        )
     for required in ("config.yaml", "labels.json", "adapter/adapter_config.json"):
         if not (run_dir / required).is_file():
             raise IncompleteRunError(f"{run_dir}: not a complete run directory (missing {required})")
-    if not (run_dir / "metrics.json").is_file():
-        raise IncompleteRunError(
-            f"{run_dir}: incomplete run (no metrics.json): training did not finish or crashed, "
-            "so the adapter may be partial or failed its parity check; train again"
-        )
 
 
 def load_run_labels(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
 
 
-def load_run(run_dir: str | Path, dtype: torch.dtype = torch.float32, base: str | None = None, adapter_name: str = "default"):
+def load_run(
+    run_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    base: str | None = None,
+    adapter_name: str = "default",
+    allow_pickle: bool = False,
+):
     """(model with adapter, tokenizer, labels) from a run directory written by `train`.
 
     `base` replaces the run's base model spec (e.g. a local copy of a hub model).
+    Pickle weights need `allow_pickle` here, whatever the run's config says:
+    a run directory may come from someone else.
     """
     run_dir = Path(run_dir)
     check_run_dir(run_dir)
     cfg = load_config(run_dir / "config.yaml")
+    if cfg.model.trust_remote_code:
+        log.warning("%s: trust_remote_code is on in this run's config: code from the model repository will run", run_dir)
     labels = load_run_labels(run_dir)
     path = resolve_model_path(base or cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
-    base = load_classifier(path, labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision)
+    base = load_classifier(path, labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision, allow_pickle)
     return load_adapter(base, run_dir / "adapter", adapter_name), tokenizer, labels
 
 
-def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
+def merge_run(run_dir: str | Path, out_dir: str | Path, allow_pickle: bool = False) -> Path:
     """Write base + adapter as one fp32 model folder that plain transformers loads (`export`, `merge`).
 
     The folder also keeps what predictions depend on: the labels (config
@@ -245,7 +320,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     model_max_length) and the run's calibration.json, if any.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    model, tokenizer, labels = load_run(run_dir, torch.float32)
+    model, tokenizer, labels = load_run(run_dir, torch.float32, allow_pickle=allow_pickle)
     merged = model.merge_and_unload()
     tokenizer.model_max_length = load_config(run_dir / "config.yaml").data.max_length
     tmp = staging_dir(out_dir)
@@ -260,7 +335,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None):
+def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None, allow_pickle: bool = False):
     """(model, tokenizer, labels) for a folder that already holds a classifier, else None.
 
     `dtype` None keeps the dtype the folder was saved in.
@@ -270,7 +345,7 @@ def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: to
         return None
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, trust_remote_code=trust_remote_code, use_safetensors=True, dtype=dtype or "auto"
+        path, trust_remote_code=trust_remote_code, dtype=dtype or "auto", **weights_format(path, allow_pickle)
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id

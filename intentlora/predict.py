@@ -136,6 +136,7 @@ class IntentClassifier:
         threshold: float | None = None,
         fallback_label: str | None = None,
         dtype: torch.dtype | str | None = None,
+        allow_pickle: bool = False,
     ) -> IntentClassifier:
         """Load `path` (named "default") and `adapters` ({name: run directory}) on one base model.
 
@@ -144,15 +145,16 @@ class IntentClassifier:
         `max_length` defaults to each run's truncation length, `threshold` and
         `fallback_label` to each model's calibration.json (if any); `dtype`
         (torch dtype, or "auto"/"bf16"/"fp32") to fp32, in which train scored the run.
+        Base weights in pickle format are refused unless `allow_pickle`.
         """
         sources = named_sources(path, adapters)
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else precision_dtype(dtype or "fp32")
         if path is not None and not is_run_dir(Path(path)):
             if adapters:
                 raise ValueError(f"{path}: a merged model cannot take adapters; give the run directory it was exported from")
-            model, tokenizer, routes = load_merged(Path(path), torch_dtype)
+            model, tokenizer, routes = load_merged(Path(path), torch_dtype, allow_pickle)
         else:
-            model, tokenizer, routes = load_runs(sources, torch_dtype)
+            model, tokenizer, routes = load_runs(sources, torch_dtype, allow_pickle)
         for name, route in routes.items():
             route.max_length = max_length or route.max_length
             calibration = read_calibration(sources[name])
@@ -210,8 +212,8 @@ def is_run_dir(path: Path) -> bool:
     return not (path / "config.json").is_file()
 
 
-def load_merged(path: Path, dtype: torch.dtype):
-    loaded = load_merged_classifier(str(path), dtype=dtype)
+def load_merged(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
+    loaded = load_merged_classifier(str(path), dtype=dtype, allow_pickle=allow_pickle)
     if loaded is None:
         raise ValueError(f"{path}: a base model, not a classifier; give a run directory or a folder written by `export`")
     model, tokenizer, labels = loaded
@@ -223,14 +225,14 @@ def tokenizer_max_length(tokenizer) -> int:
     return tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DataConfig.max_length
 
 
-def load_runs(sources: dict[str, Path], dtype: torch.dtype):
+def load_runs(sources: dict[str, Path], dtype: torch.dtype, allow_pickle: bool = False):
     """One base model with every run's adapter, each under its name."""
     for run_dir in sources.values():
         check_run_dir(run_dir)
     configs = {name: load_config(run_dir / "config.yaml") for name, run_dir in sources.items()}
     check_same_base(sources, configs)
     first, *others = sources
-    model, tokenizer, labels = load_run(sources[first], dtype, adapter_name=first)
+    model, tokenizer, labels = load_run(sources[first], dtype, adapter_name=first, allow_pickle=allow_pickle)
     routes = {first: _Route(labels, first, configs[first].data.max_length, None, None)}
     for name in others:
         labels = load_run_labels(sources[name])

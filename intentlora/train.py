@@ -6,8 +6,11 @@ config -> data -> model + LoRA -> baselines -> fit -> save adapter
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import resource
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,11 +20,12 @@ import torch
 from datasets import Dataset
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
-from intentlora.config import Config, save_config
+from intentlora.config import Config, load_config, save_config
 from intentlora.data import Example, Splits, load_splits
 from intentlora.evaluate import classification_metrics, evaluate_model, tfidf_baseline, zero_shot_baseline
 from intentlora.models import (
     add_lora,
+    check_4bit_supported,
     dir_size_mb,
     load_adapter,
     load_causal_lm,
@@ -39,8 +43,17 @@ PARITY_TOLERANCE = 1e-4  # max abs logit difference
 PARITY_PROBE = 32  # test texts used for the logit comparisons
 
 
+# What HF Trainer writes into checkpoint-N for a PEFT model, trainer_state.json
+# last: a checkpoint without all of them was cut off while being written.
+CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+
+
 class ParityError(RuntimeError):
     """The saved artifacts do not reproduce the trained model."""
+
+
+class ResumeError(ValueError):
+    """The output folder holds a run that cannot be continued, or started over, as asked."""
 
 
 @dataclass
@@ -49,22 +62,30 @@ class RunResult:
     metrics: dict
 
 
-def train(cfg: Config, echo=print) -> RunResult:
-    run_dir = make_run_dir(cfg.output.dir)
+def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
+    """The whole recipe; with `resume`, an unfinished run in cfg.output.dir continues from its last complete checkpoint."""
+    check_settings(cfg)
     set_seed(cfg.train.seed)
     splits = load_data(cfg)
     for problem in splits.problems:
         echo(str(problem))
     shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
     echo(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
+    run_dir = make_run_dir(cfg.output.dir)
+    checkpoint = resume_point(run_dir, cfg, resume, echo)
+    save_config(cfg, run_dir / "config.yaml")  # now, so that a resumed run can check it continues the same config
 
     precision = resolve_precision(cfg.train.precision)
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     base = load_classifier(
         model_path, splits.labels, tokenizer.pad_token_id, precision_dtype(precision),
-        cfg.model.trust_remote_code, cfg.model.revision,
+        cfg.model.trust_remote_code, cfg.model.revision, cfg.model.allow_pickle, cfg.model.load_in_4bit,
     )
+    if cfg.model.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base)  # QLoRA: fp32 norms, input grads for checkpointing
     model = add_lora(base, cfg.lora)
     trainable, total = parameter_counts(model)
     echo(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
@@ -75,9 +96,11 @@ def train(cfg: Config, echo=print) -> RunResult:
     tokens = TokenCounter()
     hook = model.register_forward_pre_hook(tokens, with_kwargs=True)
     start = time.perf_counter()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
     hook.remove()
+    resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
+    trained_here = 1 - resumed_step / max(trainer.state.global_step, 1)  # the share of training this process did
 
     adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
     parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
@@ -92,7 +115,7 @@ def train(cfg: Config, echo=print) -> RunResult:
         "lora": lora_metrics,
         "train": {
             "seconds": round(seconds, 2),
-            "samples_per_s": round(len(splits.train) * cfg.train.epochs / seconds, 3),
+            "samples_per_s": round(len(splits.train) * cfg.train.epochs * trained_here / seconds, 3),
             "real_tokens_per_s": round(tokens.real / seconds, 1),
             "padded_tokens_per_s": round(tokens.padded / seconds, 1),
             "padding_share": round(1 - tokens.real / max(tokens.padded, 1), 4),
@@ -102,6 +125,7 @@ def train(cfg: Config, echo=print) -> RunResult:
             "precision": precision,
             "epochs": cfg.train.epochs,
             "steps": trainer.state.global_step,
+            "resumed_from_step": resumed_step or None,
             "best_checkpoint": trainer.state.best_model_checkpoint,
             "trainable_params": trainable,
             "total_params": total,
@@ -119,10 +143,106 @@ def train(cfg: Config, echo=print) -> RunResult:
     return RunResult(run_dir, metrics)
 
 
+def check_settings(cfg: Config) -> None:
+    """What would otherwise fail mid-run, after data and model have loaded."""
+    if cfg.train.save_steps is not None and cfg.train.save_steps < 1:
+        raise ValueError(f"train.save_steps must be a positive number of steps (or none: every epoch), got {cfg.train.save_steps}")
+    if cfg.model.load_in_4bit:
+        check_4bit_supported()
+
+
 def make_run_dir(path: str | None) -> Path:
     run_dir = Path(path) if path else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
+
+
+def resume_point(run_dir: Path, cfg: Config, resume: bool, echo=print) -> Path | None:
+    """The checkpoint to continue from, or None to start afresh.
+
+    An unfinished run (checkpoints, no metrics.json) is continued only when
+    asked, and only with the config it started with; without `resume` it is
+    refused, not overwritten. A finished run started over loses its
+    metrics.json first, so the folder never looks complete half-way through,
+    and its checkpoints, which HF Trainer would take for the newest.
+    """
+    checkpoints = run_dir / "checkpoints"
+    finished = (run_dir / "metrics.json").is_file()
+    unfinished = not finished and any(checkpoints.glob("checkpoint-*"))
+    if not resume:
+        if unfinished:
+            raise ResumeError(f"{run_dir} holds an unfinished run (checkpoints but no metrics.json): add --resume to continue it, or choose another --output")
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+        shutil.rmtree(checkpoints, ignore_errors=True)
+        return None
+    if finished:
+        raise ResumeError(f"{run_dir} is a finished run (it has metrics.json): nothing to resume")
+    check_same_config(run_dir, cfg)
+    for folder in checkpoints.glob("checkpoint-*"):
+        if not is_complete_checkpoint(folder):
+            echo(f"removing {folder}: incomplete (cut off while being written)")
+            shutil.rmtree(folder)
+    checkpoint = last_checkpoint(checkpoints)
+    if checkpoint is None:
+        echo(f"nothing to resume in {run_dir}: starting from the beginning")
+        return None
+    relocate_best_checkpoint(checkpoint)
+    echo(f"resuming from {checkpoint}")
+    return checkpoint
+
+
+def is_complete_checkpoint(folder: Path) -> bool:
+    if not all((folder / name).is_file() for name in CHECKPOINT_FILES):
+        return False
+    try:
+        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def relocate_best_checkpoint(checkpoint: Path) -> None:
+    """Point the saved state's best checkpoint into this folder.
+
+    trainer_state.json names it by the path it had when saved; if the run
+    folder moved (or a relative --output meets another working directory),
+    HF Trainer would forget it and ship the last weights instead of the best.
+    """
+    state_file = checkpoint / "trainer_state.json"
+    state = json.loads(state_file.read_text(encoding="utf-8"))
+    if state.get("best_model_checkpoint"):
+        state["best_model_checkpoint"] = str(checkpoint.parent / Path(state["best_model_checkpoint"]).name)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+        os.replace(tmp, state_file)  # never a half-written state: that would make the checkpoint incomplete
+
+
+def checkpoint_step(folder: Path) -> int:
+    """N of checkpoint-N; -1 for a folder not named so."""
+    tail = folder.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def last_checkpoint(checkpoints: Path) -> Path | None:
+    return max(checkpoints.glob("checkpoint-*"), key=checkpoint_step, default=None)
+
+
+def check_same_config(run_dir: Path, cfg: Config) -> None:
+    """Resuming with another config would mix two runs in one adapter."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file():
+        return
+    before, now = flat_config(load_config(saved)), flat_config(cfg)
+    changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    if changed:
+        raise ResumeError(f"{run_dir} was started with another config; resume with the same settings, or choose another --output. Changed: {'; '.join(changed)}")
+
+
+def flat_config(cfg: Config) -> dict:
+    """{"section.key": value}, but output.dir: a run folder may be moved before it is resumed."""
+    flat = {f"{section}.{key}": value for section, values in dataclasses.asdict(cfg).items() for key, value in values.items()}
+    del flat["output.dir"]
+    return flat
 
 
 def load_data(cfg: Config) -> Splits:
@@ -152,7 +272,10 @@ def run_baselines(classifier, tokenizer, splits: Splits, cfg: Config, model_path
                 echo("baseline zero_shot skipped: the model has no chat template (not an instruct model)")
                 continue
             echo("baseline zero_shot: the instruct model prompted with the intents, each label scored by likelihood")
-            lm = load_causal_lm(model_path, precision_dtype(precision), cfg.model.trust_remote_code, cfg.model.revision)
+            lm = load_causal_lm(
+                model_path, precision_dtype(precision), cfg.model.trust_remote_code, cfg.model.revision,
+                cfg.model.allow_pickle, cfg.model.load_in_4bit,
+            )
             results[name] = zero_shot_baseline(lm, tokenizer, splits.test, splits.labels, cfg.eval.label_descriptions)
             del lm
         else:
@@ -175,6 +298,8 @@ def tokenize(tokenizer, examples: list[Example], labels: list[str], cfg: Config)
 
 def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, precision: str) -> Trainer:
     t = cfg.train
+    # Evaluate whenever a checkpoint is saved: picking the best one needs both on the same schedule.
+    schedule = "steps" if t.save_steps else "epoch"
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"),
         num_train_epochs=t.epochs,
@@ -189,9 +314,10 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         bf16=precision == "bf16",
         use_cpu=not torch.cuda.is_available(),  # accelerate refuses bf16 on CPU otherwise
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        save_total_limit=1,
+        eval_strategy=schedule,
+        save_strategy=schedule,
+        **({"eval_steps": t.save_steps, "save_steps": t.save_steps} if t.save_steps else {}),
+        save_total_limit=1,  # with load_best_model_at_end: the best and the latest are kept
         load_best_model_at_end=True,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
@@ -247,11 +373,12 @@ def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_pa
     """
     probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
     logits = lambda m: batched_logits(m, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)  # noqa: E731
-    load = lambda dtype: load_classifier(  # noqa: E731
-        model_path, splits.labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision
+    load = lambda dtype, load_in_4bit=False: load_classifier(  # noqa: E731
+        model_path, splits.labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision,
+        cfg.model.allow_pickle, load_in_4bit,
     )
     trained = logits(model)
-    reloaded = load_adapter(load(precision_dtype(precision)), adapter_dir)
+    reloaded = load_adapter(load(precision_dtype(precision), cfg.model.load_in_4bit), adapter_dir)
     reload_diff = (logits(reloaded) - trained).abs().max().item()
     del reloaded
 

@@ -117,3 +117,22 @@ def tiny_export(tiny_run, tmp_path_factory) -> Path:
     from intentlora.models import merge_run
 
     return merge_run(tiny_run, tmp_path_factory.mktemp("tiny-export") / "model")
+
+
+@pytest.fixture(scope="session")
+def pickled_qwen2(tiny_qwen2, tmp_path_factory) -> Path:
+    """`tiny_qwen2` with its weights as a pickle `pytorch_model.bin` only.
+
+    transformers 5 writes safetensors whatever `safe_serialization` says, so
+    the pickle is written with torch.save, as older transformers did.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file as load_safetensors
+
+    folder = tmp_path_factory.mktemp("pickled") / "model"
+    shutil.copytree(tiny_qwen2, folder)
+    torch.save(load_safetensors(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    return folder

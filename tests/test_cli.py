@@ -2,11 +2,13 @@ import json
 import shutil
 
 import pytest
+import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from typer.testing import CliRunner
 
 from intentlora import IntentClassifier
 from intentlora.cli import EXIT_INPUT, EXIT_USAGE, app
+from tests.bad_inputs import CASES, LABELS, materialize
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -145,7 +147,7 @@ def test_predict_reports_bad_lines_and_writes_the_good_ones(tiny_run, tmp_path):
     out = tmp_path / "out.jsonl"
     result = runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(source), "-o", str(out)])
     assert result.exit_code == EXIT_INPUT
-    for line, message in ((2, "invalid JSON"), (3, "field 'text' must be a string, got int"), (4, "not valid UTF-8"), (5, "missing field 'text'"), (6, "missing field 'text'")):
+    for line, message in ((2, "invalid JSON"), (3, "field 'text' must be a string, got number"), (4, "not valid UTF-8"), (5, "missing field 'text'"), (6, "missing field 'text'")):
         assert f"{source}:{line}: {message}" in result.stderr
     assert "1 row(s) predicted, 5 bad line(s) skipped" in result.stderr
     assert "Traceback" not in result.output
@@ -201,3 +203,73 @@ def test_calibrate_refuses_unreachable_targets_and_bad_data(tiny_run, tmp_path, 
     assert not (run / "calibration.json").exists()
     unknown = runner.invoke(app, ["calibrate", str(run), "--data", str(oos)])
     assert unknown.exit_code == EXIT_INPUT and f"{oos}:1: unknown label 'out_of_scope'" in unknown.stderr
+
+
+def assert_clean_exit(result, code: int) -> None:
+    """The exit code, and no Python exception escaped (CliRunner keeps it in `exception`; a traceback would print)."""
+    assert result.exit_code == code, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_validate_reports_each_bad_input(case, tmp_path):
+    path = materialize(case, tmp_path)
+    result = runner.invoke(app, ["validate", str(path), "--labels", ",".join(LABELS)])
+    assert_clean_exit(result, 0 if case.accepted else EXIT_INPUT)
+    for line in case.expected_lines(path):
+        assert line in result.output
+    assert f"{case.examples} valid rows in 1 file(s), {len(case.problems)} error(s)" in result.output
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.accepted], ids=lambda c: c.name)
+def test_train_refuses_each_bad_input_before_loading_the_model(case, tmp_path, small_data):
+    """Bad training data stops `train` with the same FILE:LINE messages; the model path is never opened."""
+    path = materialize(case, tmp_path)
+    _, test_file = small_data
+    args = ["train", "--model", str(tmp_path / "no-model"), "--train", str(path), "--test", str(test_file),
+            "--labels", ",".join(LABELS), "--output", str(tmp_path / "run")]
+    result = runner.invoke(app, args)
+    assert_clean_exit(result, EXIT_INPUT)
+    assert f"{len(case.problems)} problem(s) in the data" in result.output
+    for line in case.expected_lines(path):
+        assert line in result.output
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_pickle_weights_need_allow_pickle_in_every_command(tmp_path, small_data, pickled_qwen2):
+    """Refused with the reason and the way out (exit 1, no traceback); --allow-pickle loads them, with a warning."""
+    train_file, test_file = small_data
+    run = tmp_path / "run"
+    args = ["train", "--model", str(pickled_qwen2), "--train", str(train_file), "--test", str(test_file), "--epochs", "1",
+            "--precision", "fp32", "--output", str(run), "--set", "eval.baselines=[]"]
+    refused = runner.invoke(app, args)
+    assert_clean_exit(refused, EXIT_INPUT)
+    assert "pickle files only (pytorch_model.bin)" in refused.output and "--allow-pickle" in refused.output
+    allowed = runner.invoke(app, [*args, "--allow-pickle"])
+    assert_clean_exit(allowed, 0)
+    assert "warning: allow_pickle is on" in allowed.output
+
+    for command in (["eval", "--adapter", str(run), "--data", str(test_file)], ["predict", "-m", str(run), "查余额"],
+                    ["export", str(run), str(tmp_path / "merged")]):
+        assert_clean_exit(runner.invoke(app, command), EXIT_INPUT)  # a run's base is checked again: run folders travel
+        assert_clean_exit(runner.invoke(app, [*command, "--allow-pickle"]), 0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_load_in_4bit_without_cuda_fails_before_any_loading(tmp_path):
+    """The data and model paths do not exist: the error has to come first, and nothing is written."""
+    result = runner.invoke(app, ["train", "--load-in-4bit", "--model", str(tmp_path / "m"), "--train", str(tmp_path / "t.jsonl"),
+                                 "--output", str(tmp_path / "run")])
+    assert_clean_exit(result, EXIT_INPUT)
+    assert "--load-in-4bit (model.load_in_4bit) needs a CUDA GPU" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_remote_code_and_pickle_are_off_unless_asked_and_warned_when_on(tmp_path):
+    from intentlora.config import load_config
+
+    assert (load_config().model.trust_remote_code, load_config().model.allow_pickle) == (False, False)
+    result = runner.invoke(app, ["train", "--trust-remote-code", "--allow-pickle", "--train", str(tmp_path / "none.jsonl")])
+    assert_clean_exit(result, EXIT_INPUT)  # stops at the missing file, after the warnings
+    assert "warning: trust_remote_code is on" in result.output and "warning: allow_pickle is on" in result.output

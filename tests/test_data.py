@@ -1,13 +1,18 @@
+import csv
+import io
 import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from intentlora.config import BUNDLED_DATA
-from intentlora.data import DataError, load_file, load_splits, normalize, stratified_split
+from intentlora.data import BOM, DataError, load_file, load_splits, normalize, stratified_split
+from tests.bad_inputs import CASES, LABELS, materialize
 from tests.conftest import write_jsonl
 
-LABELS = ["fraud_risk", "refund", "balance", "card_lost", "other"]
+HYPOTHESIS_EXAMPLES = 300  # per file format; quoted in docs/RELIABILITY.md
 
 
 def messages(result):
@@ -33,10 +38,10 @@ def test_each_problem_names_file_and_line(tmp_path):
     expected = {
         2: "invalid JSON",
         3: "missing field 'text'",
-        4: "field 'text' must be a string, got int",
+        4: "field 'text' must be a string, got number",
         5: "field 'text' is empty",
         6: "unknown label 'weather'",
-        8: "expected a JSON object, got list",
+        8: "expected a JSON object, got array",
     }
     for line, fragment in expected.items():
         assert any(m.startswith(f"{path}:{line}: ") and fragment in m for m in got), (line, got)
@@ -131,3 +136,104 @@ def test_load_splits_counts_dropped_rows(tmp_path):
     assert dropped[:2] == [f"{train}:11: dropped: unknown label 'zzz' (expected one of: a, b)", f"{test}:1: dropped: unknown label 'zzz' (expected one of: a, b)"]
     assert dropped[2] == f"{train}: dropped: 2 row(s) with unknown labels dropped in all (listed above)"
     assert [e.text for e in splits.test] == ["r"]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_bad_input_corpus_is_reported_line_by_line(case, tmp_path):
+    """Each file of the corpus gives exactly its expected FILE:LINE messages, in order, and keeps its good rows."""
+    path = materialize(case, tmp_path)
+    result = load_file(path, LABELS)
+    got = messages(result)
+    expected = case.expected_lines(path)
+    assert len(got) == len(expected), got
+    assert all(line.startswith(start) for line, start in zip(got, expected)), got
+    assert len(result.examples) == case.examples
+    assert all(p.severity == "error" for p in result.problems)
+
+
+def record_line(text: str, label: str, csv_format: bool) -> bytes:
+    if not csv_format:
+        return json.dumps({"text": text, "label": label}, ensure_ascii=False).encode()
+    out = io.StringIO()
+    csv.writer(out, lineterminator="").writerow([text, label])
+    return out.getvalue().encode()
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(["text", "label", "x"]), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+def any_line(csv_format: bool) -> st.SearchStrategy[bytes]:
+    """Mostly plausible lines (so parsing gets past the first check), some arbitrary bytes."""
+    record = st.builds(record_line, st.text(max_size=12), st.sampled_from(LABELS * 2 + ["weather", "", " "]), st.just(csv_format))
+    return st.one_of(
+        record,
+        record,
+        JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+        st.text(max_size=20).map(lambda t: t.encode("utf-8", "surrogatepass")),
+        st.binary(max_size=20),
+    )
+
+
+@st.composite
+def file_bytes(draw, csv_format: bool) -> bytes:
+    """Whole files: optional BOM and header, any mix of lines, LF or CRLF, with or without a final newline; or any bytes."""
+    if draw(st.integers(0, 4)) == 0:
+        return draw(st.binary(max_size=200))
+    lines = draw(st.lists(any_line(csv_format), max_size=8))
+    if csv_format and draw(st.integers(0, 4)):
+        lines.insert(0, b"text,label")
+    end = draw(st.sampled_from([b"\n", b"\r\n"]))
+    data = end.join(lines) + (end if draw(st.booleans()) else b"")
+    return (BOM if draw(st.booleans()) else b"") + data
+
+
+def line_number(problem) -> int | None:
+    """The LINE of FILE:LINE, or None for a problem with the whole file."""
+    _, sep, tail = problem.where.rpartition(":")
+    return int(tail) if sep and tail.isdigit() else None
+
+
+def check_nothing_is_silently_dropped(path, data: bytes, result, csv_format: bool) -> None:
+    """Every non-blank line is an example or a reported problem (the CSV header aside), unless the whole file is refused."""
+    lines = data.removeprefix(BOM).split(b"\n")
+    non_blank = {n for n, raw in enumerate(lines, start=1) if raw.decode("utf-8", "replace").strip()}
+    example_lines = {int(ex.source.rpartition(":")[2]) for ex in result.examples}
+    reported = {line_number(p) for p in result.problems if p.severity != "warning"}
+    assert reported - {None} <= non_blank  # problems point at real lines
+    assert not example_lines & reported
+    if None in reported or not non_blank:
+        assert result.errors  # a file refused as a whole says so
+        return
+    unaccounted = non_blank - example_lines - reported
+    if csv_format:
+        if any(p.message.startswith("no rows read") for p in result.problems):
+            return  # a bad header is one problem that says how many rows it leaves unread
+        assert len(unaccounted) <= 1 and all(header < min(example_lines, default=header + 1) for header in unaccounted)
+    else:
+        assert unaccounted == set()
+    if not result.examples:
+        assert result.errors  # a file never yields nothing without an error
+
+
+def check_examples_are_clean(result) -> None:
+    for ex in result.examples:
+        assert isinstance(ex.text, str) and ex.text.strip() and isinstance(ex.label, str) and ex.label.strip()
+        ex.text.encode("utf-8")  # no lone surrogates reach the tokenizer
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+@settings(max_examples=HYPOTHESIS_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data(), labels=st.sampled_from([None, LABELS]), drop_unknown=st.booleans())
+def test_any_bytes_give_clean_examples_or_reported_problems(tmp_path, suffix, data, labels, drop_unknown):
+    """The loader's contract on arbitrary input: never an exception, and no line silently lost."""
+    csv_format = suffix == ".csv"
+    content = data.draw(file_bytes(csv_format), label="content")
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(content)
+    result = load_file(path, labels, drop_unknown=drop_unknown)
+    check_examples_are_clean(result)
+    check_nothing_is_silently_dropped(path, content, result, csv_format)

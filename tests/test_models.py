@@ -4,6 +4,7 @@ from peft import PeftModel
 
 from intentlora.config import LoraConfig
 from intentlora.models import (
+    PickleWeightsError,
     add_lora,
     head_with_outputs,
     load_classifier,
@@ -58,17 +59,15 @@ def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
     assert 0 < n_trainable < n_total
 
 
-def test_safetensors_only(tiny_qwen2, tmp_path):
-    import shutil
-
-    folder = tmp_path / "pickled"
-    shutil.copytree(tiny_qwen2, folder)
-    from safetensors.torch import load_file
-
-    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
-    (folder / "model.safetensors").unlink()
-    with pytest.raises(OSError):
-        classifier(folder)
+def test_pickle_weights_are_refused_unless_allowed(pickled_qwen2, tiny_qwen2):
+    with pytest.raises(PickleWeightsError, match=r"pickle files only \(pytorch_model.bin\).*--allow-pickle"):
+        classifier(pickled_qwen2)
+    tokenizer = load_tokenizer(str(pickled_qwen2))
+    allowed = load_classifier(str(pickled_qwen2), LABELS, tokenizer.pad_token_id, allow_pickle=True)
+    reference = classifier(tiny_qwen2)[0]
+    torch.testing.assert_close(allowed.model.embed_tokens.weight, reference.model.embed_tokens.weight, atol=0, rtol=0)
+    safe = load_classifier(str(tiny_qwen2), LABELS, tokenizer.pad_token_id, allow_pickle=True)  # safetensors still come first
+    assert safe.config.num_labels == 3
 
 
 def test_resolve_model_path_keeps_hub_ids_and_rejects_missing_gguf(tmp_path, tiny_qwen2):

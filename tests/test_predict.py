@@ -204,7 +204,7 @@ def test_predict_file_streams_in_order_and_reports_bad_lines(classifier, tmp_pat
         f"{source}:4: invalid JSON: Expecting property name enclosed in double quotes (column 2)",
         f"{source}:5: field 'text' is empty",
         f"{source}:6: missing field 'text'",
-        f"{source}:7: expected a JSON object, got list",
+        f"{source}:7: expected a JSON object, got array",
         f"{source}:8: not valid UTF-8 (byte 0xff at column 1); save the file as UTF-8",
     ]
     written = [json.loads(line) for line in (tmp_path / "out" / "out.jsonl").read_text(encoding="utf-8").splitlines()]
