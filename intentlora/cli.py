@@ -109,6 +109,8 @@ def train(
         _fail(str(e), EXIT_PARITY)
     except (OfflineModelError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
+    if not result.metrics:  # not rank 0 of a distributed run: rank 0 reports
+        return
     print_comparison(result.metrics)
     console.print(f"run saved to [bold]{result.run_dir}[/bold] (report.md, metrics.json, adapter/)")
 

@@ -66,6 +66,9 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     """The whole recipe; with `resume`, an unfinished run in cfg.output.dir continues from its last complete checkpoint."""
     check_settings(cfg)
     set_seed(cfg.train.seed)
+    main, world_size = is_main_process(), process_count()
+    if not main:  # under torchrun / accelerate launch, rank 0 alone speaks and writes
+        echo = lambda _: None  # noqa: E731
     splits = load_data(cfg)
     for problem in splits.problems:
         echo(str(problem))
@@ -73,7 +76,8 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     echo(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
     run_dir = make_run_dir(cfg.output.dir)
     checkpoint = resume_point(run_dir, cfg, resume, echo)
-    save_config(cfg, run_dir / "config.yaml")  # now, so that a resumed run can check it continues the same config
+    if main:
+        save_config(cfg, run_dir / "config.yaml")  # now, so that a resumed run can check it continues the same config
 
     precision = resolve_precision(cfg.train.precision)
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
@@ -90,9 +94,14 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     trainable, total = parameter_counts(model)
     echo(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
 
-    baselines = run_baselines(model, tokenizer, splits, cfg, model_path, precision, echo)
+    # The other processes wait for rank 0 at the first collective (the DDP
+    # setup in trainer.train), well within its timeout for any sane test set.
+    baselines = run_baselines(model, tokenizer, splits, cfg, model_path, precision, echo) if main else {}
 
     trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision)
+    t = cfg.train
+    global_batch = t.batch_size * t.grad_accum * world_size
+    echo(f"processes: {world_size}; global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
     tokens = TokenCounter()
     hook = model.register_forward_pre_hook(tokens, with_kwargs=True)
     start = time.perf_counter()
@@ -101,6 +110,8 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     hook.remove()
     resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
     trained_here = 1 - resumed_step / max(trainer.state.global_step, 1)  # the share of training this process did
+    if not main:
+        return RunResult(run_dir, {})
 
     adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
     parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
@@ -116,14 +127,18 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
         "train": {
             "seconds": round(seconds, 2),
             "samples_per_s": round(len(splits.train) * cfg.train.epochs * trained_here / seconds, 3),
-            "real_tokens_per_s": round(tokens.real / seconds, 1),
-            "padded_tokens_per_s": round(tokens.padded / seconds, 1),
+            # Counted on rank 0; the other processes see as many batches.
+            "real_tokens_per_s": round(tokens.real * world_size / seconds, 1),
+            "padded_tokens_per_s": round(tokens.padded * world_size / seconds, 1),
             "padding_share": round(1 - tokens.real / max(tokens.padded, 1), 4),
             "eval_seconds": round(eval_seconds, 2),
             "eval_samples_per_s": round(len(splits.test) / eval_seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "precision": precision,
             "epochs": cfg.train.epochs,
+            "lr": t.lr,
+            "processes": world_size,
+            "global_batch_size": global_batch,
             "steps": trainer.state.global_step,
             "resumed_from_step": resumed_step or None,
             "best_checkpoint": trainer.state.best_model_checkpoint,
@@ -151,6 +166,15 @@ def check_settings(cfg: Config) -> None:
         check_4bit_supported()
 
 
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch (both set RANK), or a plain process."""
+    return int(os.environ.get("RANK", 0)) == 0
+
+
+def process_count() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def make_run_dir(path: str | None) -> Path:
     run_dir = Path(path) if path else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -172,11 +196,14 @@ def resume_point(run_dir: Path, cfg: Config, resume: bool, echo=print) -> Path |
     if not resume:
         if unfinished:
             raise ResumeError(f"{run_dir} holds an unfinished run (checkpoints but no metrics.json): add --resume to continue it, or choose another --output")
-        (run_dir / "metrics.json").unlink(missing_ok=True)
-        shutil.rmtree(checkpoints, ignore_errors=True)
+        if is_main_process():
+            (run_dir / "metrics.json").unlink(missing_ok=True)
+            shutil.rmtree(checkpoints, ignore_errors=True)
         return None
     if finished:
         raise ResumeError(f"{run_dir} is a finished run (it has metrics.json): nothing to resume")
+    if not is_main_process():  # rank 0 checks, cleans up and fixes the state; the others only read
+        return last_checkpoint(checkpoints)
     check_same_config(run_dir, cfg)
     for folder in checkpoints.glob("checkpoint-*"):
         if not is_complete_checkpoint(folder):
@@ -224,7 +251,8 @@ def checkpoint_step(folder: Path) -> int:
 
 
 def last_checkpoint(checkpoints: Path) -> Path | None:
-    return max(checkpoints.glob("checkpoint-*"), key=checkpoint_step, default=None)
+    complete = [folder for folder in checkpoints.glob("checkpoint-*") if is_complete_checkpoint(folder)]
+    return max(complete, key=checkpoint_step, default=None)
 
 
 def check_same_config(run_dir: Path, cfg: Config) -> None:
@@ -323,6 +351,9 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         greater_is_better=True,
         logging_steps=t.logging_steps,
         report_to="none",
+        # The classification loss is a mean per example, not a token sum: HF's
+        # cross-process token averaging would multiply it by the process count.
+        average_tokens_across_devices=False,
         disable_tqdm=False,
     )
 
