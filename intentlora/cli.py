@@ -337,6 +337,7 @@ def serve(
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    allow_pickle: AllowPickle = False,
 ) -> None:
     """Serve the model (and more adapters) over HTTP with micro-batching; API docs at /docs."""
     adapters = _adapter_specs(adapter or [])
@@ -346,7 +347,8 @@ def serve(
 
     try:
         classifier = IntentClassifier.from_pretrained(
-            model, adapters=adapters, batch_size=max_batch_size, device=device, threshold=threshold, fallback_label=fallback_label
+            model, adapters=adapters, batch_size=max_batch_size, device=device, threshold=threshold,
+            fallback_label=fallback_label, allow_pickle=allow_pickle,
         )
     except (OSError, ValueError) as e:
         _fail(str(e))
