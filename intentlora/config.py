@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from intentlora.files import write_text_atomic
+
 BUNDLED_DATA = resources.files("intentlora") / "data" / "bank_zh"
 
 
@@ -153,7 +155,7 @@ def parse_assignment(text: str) -> tuple[str, Any]:
 
 
 def save_config(config: Config, path: Path) -> None:
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+    write_text_atomic(path, yaml.safe_dump(dataclasses.asdict(config), sort_keys=False, allow_unicode=True))
 
 
 def _coerce(value: Any, hint: Any) -> Any:

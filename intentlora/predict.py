@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from intentlora.config import DataConfig, load_config
+from intentlora.files import write_text_atomic
 from intentlora.data import BOM, DataError, Problem, check_fields, decode_line, load_file, parse_json
 from intentlora.models import (
     CALIBRATION_FILE,
@@ -357,11 +358,7 @@ def precision_curve(scores: list[float], correct: list[bool]) -> list[dict]:
 
 def write_calibration(folder: str | Path, calibration: dict) -> Path:
     """calibration.json next to the model, where from_pretrained finds it; written atomically."""
-    path = Path(folder) / CALIBRATION_FILE
-    tmp = path.with_name(f".{CALIBRATION_FILE}.tmp")
-    tmp.write_text(json.dumps(calibration, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(Path(folder) / CALIBRATION_FILE, json.dumps(calibration, indent=2, ensure_ascii=False))
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 from pathlib import Path
 
 import matplotlib
@@ -21,6 +22,7 @@ import torch  # noqa: E402
 
 from intentlora.data import Example  # noqa: E402
 from intentlora.evaluate import misclassified  # noqa: E402
+from intentlora.files import write_text_atomic  # noqa: E402
 
 PLOTS = ("confusion_matrix.png", "training_curves.png", "confidence_histogram.png")
 
@@ -39,12 +41,10 @@ def write_report(run_dir: Path, metrics: dict, test: list[Example], probs: torch
     plot_confusion_matrix(np.array(metrics["lora"]["confusion_matrix"]), labels, run_dir / PLOTS[0])
     plot_training_curves(metrics["train"]["log_history"], run_dir / PLOTS[1])
     plot_confidence_histogram(confidences.tolist(), correct, run_dir / PLOTS[2])
-    with (run_dir / "errors.jsonl").open("w", encoding="utf-8") as f:
-        for row in errors:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    write_text_atomic(run_dir / "errors.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in errors))
     sections = report_sections(run_dir, metrics, len(errors))
-    (run_dir / "report.md").write_text(render_markdown(run_dir.name, sections), encoding="utf-8")
-    (run_dir / "report.html").write_text(render_html(run_dir, sections), encoding="utf-8")
+    write_text_atomic(run_dir / "report.md", render_markdown(run_dir.name, sections))
+    write_text_atomic(run_dir / "report.html", render_html(run_dir, sections))
 
 
 def report_sections(run_dir: Path, metrics: dict, n_errors: int) -> list[tuple[str, list]]:
@@ -181,5 +181,7 @@ def plot_confidence_histogram(confidences: list[float], correct: list[bool], pat
 
 def _save(fig, path: Path) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
     plt.close(fig)
+    os.replace(tmp, path)  # never a truncated PNG

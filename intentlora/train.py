@@ -22,6 +22,7 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, se
 
 from intentlora.config import Config, load_config, save_config
 from intentlora.data import Example, Splits, load_splits
+from intentlora.files import publish_dir, staging_dir, write_text_atomic
 from intentlora.evaluate import classification_metrics, evaluate_model, tfidf_baseline, zero_shot_baseline
 from intentlora.models import (
     add_lora,
@@ -154,7 +155,7 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     }
     write_report(run_dir, metrics, splits.test, probs)
     # metrics.json last: its presence marks a complete run.
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
     return RunResult(run_dir, metrics)
 
 
@@ -385,9 +386,10 @@ class TokenCounter:
 
 
 def save_run(model, tokenizer, labels: list[str], cfg: Config, run_dir: Path) -> Path:
-    adapter_dir = run_dir / "adapter"
-    model.save_pretrained(adapter_dir, safe_serialization=True)
-    (run_dir / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=2), encoding="utf-8")
+    tmp = staging_dir(run_dir / "adapter")
+    model.save_pretrained(tmp, safe_serialization=True)
+    adapter_dir = publish_dir(tmp, run_dir / "adapter")
+    write_text_atomic(run_dir / "labels.json", json.dumps(labels, ensure_ascii=False, indent=2))
     save_config(cfg, run_dir / "config.yaml")
     return adapter_dir
 

@@ -1,4 +1,4 @@
-"""The benchmark scripts still run: bench_infer.py --smoke (a tiny random model, seconds)."""
+"""The benchmark scripts still run: each with --smoke (a tiny random model, seconds)."""
 
 import importlib.util
 import json
@@ -22,3 +22,15 @@ def test_bench_infer_smoke(tmp_path):
     assert all(r["texts_per_s"] > 0 for r in figures["throughput"])
     for level in figures.get("load", []):
         assert level["requests"] > 0 and level["errors"] == 0
+
+
+def test_bench_train_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--smoke", "--quiet", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert set(rows) == {"reference", "intentlora"}
+    for row in rows.values():
+        assert row["samples_per_s"] > 0 and 0 < row["real_tokens_per_s"] <= row["padded_tokens_per_s"]
+    assert "samples_per_s: intentlora / reference" in result.stdout
