@@ -99,8 +99,9 @@ def load_file(
             result.problems.append(Problem(where, message, severity))
             continue
         result.examples.append(example)
-    if not rows and not result.problems:
-        result.problems.append(Problem(str(path), "no examples in file"))
+    if not result.examples and not result.errors:  # an empty file, or every row dropped: nothing to learn from
+        dropped = any(p.severity == "dropped" for p in result.problems)
+        result.problems.append(Problem(str(path), "no examples left: every row has an unknown label" if dropped else "no examples in file"))
     result.problems.extend(duplicate_warnings(result.examples))
     return result
 
