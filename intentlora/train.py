@@ -114,7 +114,7 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     if not main:
         return RunResult(run_dir, {})
 
-    adapter_dir = save_run(trainer.model, tokenizer, splits.labels, cfg, run_dir)
+    adapter_dir = save_run(trainer.model, splits.labels, run_dir)
     parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
     start = time.perf_counter()
     lora_metrics, probs = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
@@ -385,12 +385,11 @@ class TokenCounter:
             self.padded += mask.numel()
 
 
-def save_run(model, tokenizer, labels: list[str], cfg: Config, run_dir: Path) -> Path:
+def save_run(model, labels: list[str], run_dir: Path) -> Path:
     tmp = staging_dir(run_dir / "adapter")
     model.save_pretrained(tmp, safe_serialization=True)
     adapter_dir = publish_dir(tmp, run_dir / "adapter")
     write_text_atomic(run_dir / "labels.json", json.dumps(labels, ensure_ascii=False, indent=2))
-    save_config(cfg, run_dir / "config.yaml")
     return adapter_dir
 
 
