@@ -41,6 +41,11 @@ def _fail(message: str, code: int = EXIT_INPUT) -> None:
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (.bin) weights when a model has no safetensors; pickle can run code.")]
 
 
+# fp32 by default: what `calibrate` measured is what `predict` and `serve` get.
+# bf16 about doubles CPU throughput where the CPU has bf16 units (docs/BENCHMARKS.md).
+Precision = Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 where the hardware computes it natively).")]
+
+
 def _labels(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
@@ -164,7 +169,7 @@ def eval_(
     model: Annotated[Optional[str], typer.Option(help="A merged model, or a base model (scored zero-shot).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A run directory written by `train`.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label set for zero-shot (default: labels found in --data).")] = None,
-    batch_size: Annotated[int, typer.Option()] = 64,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the metrics as JSON here.")] = None,
     allow_pickle: AllowPickle = False,
 ) -> None:
@@ -220,6 +225,7 @@ def predict(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="Print JSON lines instead of a table.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Stop at the first bad --input line (nothing is written).")] = False,
+    precision: Precision = "fp32",
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Classify texts given as arguments, or stream a JSON Lines file (--input, --output)."""
@@ -235,7 +241,8 @@ def predict(
 
     try:
         classifier = IntentClassifier.from_pretrained(
-            model, batch_size=batch_size, device=device, threshold=threshold, fallback_label=fallback_label, allow_pickle=allow_pickle
+            model, batch_size=batch_size, device=device, threshold=threshold, fallback_label=fallback_label,
+            dtype=precision, allow_pickle=allow_pickle,
         )
         if input_file:
             predict_jsonl(classifier, input_file, output, text_field, top_k, strict)
@@ -287,6 +294,7 @@ def calibrate(
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
     batch_size: Annotated[int, typer.Option(min=1)] = 32,
     device: Annotated[Optional[str], typer.Option()] = None,
+    precision: Precision = "fp32",
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Pick the out-of-scope threshold on labelled data; store it as MODEL_PATH/calibration.json."""
@@ -295,7 +303,9 @@ def calibrate(
     from intentlora.predict import IntentClassifier, calibrate as pick_threshold, write_calibration
 
     try:
-        classifier = IntentClassifier.from_pretrained(model_path, batch_size=batch_size, device=device, allow_pickle=allow_pickle)
+        classifier = IntentClassifier.from_pretrained(
+            model_path, batch_size=batch_size, device=device, dtype=precision, allow_pickle=allow_pickle
+        )
         result = pick_threshold(classifier, data, target_precision, fallback_label)
         path = write_calibration(model_path, result)
     except DataError as e:
@@ -337,6 +347,7 @@ def serve(
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    precision: Precision = "fp32",
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Serve the model (and more adapters) over HTTP with micro-batching; API docs at /docs."""
@@ -348,7 +359,7 @@ def serve(
     try:
         classifier = IntentClassifier.from_pretrained(
             model, adapters=adapters, batch_size=max_batch_size, device=device, threshold=threshold,
-            fallback_label=fallback_label, allow_pickle=allow_pickle,
+            fallback_label=fallback_label, dtype=precision, allow_pickle=allow_pickle,
         )
     except (OSError, ValueError) as e:
         _fail(str(e))

@@ -27,9 +27,10 @@ def classification_metrics(gold: list[int], pred: list[int], labels: list[str]) 
     }
 
 
-def evaluate_model(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = 64, max_length: int = 128) -> tuple[dict, torch.Tensor]:
+def evaluate_model(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = 16, max_length: int = 128,
+                   pad_to_max_length: bool = False) -> tuple[dict, torch.Tensor]:
     """Metrics and the class probabilities behind them, rows in the order of `examples`."""
-    probs = batched_logits(model, tokenizer, [ex.text for ex in examples], batch_size, max_length).softmax(-1)
+    probs = batched_logits(model, tokenizer, [ex.text for ex in examples], batch_size, max_length, pad_to_max_length).softmax(-1)
     label2id = {label: i for i, label in enumerate(labels)}
     gold = [label2id[ex.label] for ex in examples]
     return classification_metrics(gold, probs.argmax(-1).tolist(), labels), probs
@@ -141,7 +142,7 @@ def zero_shot_baseline(model, tokenizer, examples: list[Example], labels: list[s
 
 
 def evaluate_file(data: str, model: str | None = None, adapter: str | None = None, labels: list[str] | None = None,
-                  descriptions: dict[str, str] | None = None, batch_size: int = 64, max_length: int = 128,
+                  descriptions: dict[str, str] | None = None, batch_size: int = 16, max_length: int = 128,
                   allow_pickle: bool = False) -> tuple[str, dict]:
     """Evaluate a saved run (base + adapter), a merged classifier, or a base model (zero-shot).
 

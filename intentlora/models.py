@@ -177,9 +177,13 @@ def load_classifier(
         **quantization(load_in_4bit),
     )
     model.config.pad_token_id = pad_token_id
-    # The new head is trained in full: keep it fp32 on a bf16 base, so the
-    # trained values survive save, reload and merge exactly.
-    if dtype in (torch.bfloat16, torch.float16):
+    return keep_head_fp32(model)
+
+
+def keep_head_fp32(model: PreTrainedModel) -> PreTrainedModel:
+    """On a half-precision base the head stays fp32: the new head is trained in
+    full, and fp32 keeps its values exact through save, reload and merge."""
+    if next(model.parameters()).dtype in (torch.bfloat16, torch.float16):
         for name in HEAD_NAMES:
             if isinstance(getattr(model, name, None), torch.nn.Module):
                 getattr(model, name).float()
@@ -347,4 +351,4 @@ def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: to
     )
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    return model, tokenizer, [model.config.id2label[i] for i in range(model.config.num_labels)]
+    return keep_head_fp32(model), tokenizer, [model.config.id2label[i] for i in range(model.config.num_labels)]

@@ -28,6 +28,7 @@ from intentlora.models import (
     add_lora,
     check_4bit_supported,
     dir_size_mb,
+    keep_head_fp32,
     load_adapter,
     load_causal_lm,
     load_classifier,
@@ -283,7 +284,7 @@ def load_data(cfg: Config) -> Splits:
 
 
 def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> tuple[dict, torch.Tensor]:
-    return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length)
+    return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length, cfg.train.pad_to_max_length)
 
 
 def run_baselines(classifier, tokenizer, splits: Splits, cfg: Config, model_path: str, precision: str, echo=print) -> dict:
@@ -400,8 +401,9 @@ def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_pa
     The merge is compared in float64: in fp32 a 24-layer model's logits move by
     ~1e-4 from kernel choice alone (batch of 1 vs padded batch), which would
     hide the difference between a correct merge and a subtly wrong one.
-    Returns the parity figures and the merged model (fp32), which the final
-    evaluation uses, so the reported scores are those of the saved artifact.
+    Returns the parity figures and the merged model in the training precision
+    (head fp32): the final evaluation scores the saved artifact, at the speed
+    the hardware allows (bf16 doubles CPU throughput; see docs/BENCHMARKS.md).
     """
     probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
     logits = lambda m: batched_logits(m, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)  # noqa: E731
@@ -427,7 +429,7 @@ def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_pa
     }
     if reload_diff > PARITY_TOLERANCE or merge_diff > PARITY_TOLERANCE:
         raise ParityError(f"saved adapter does not reproduce the trained model: {parity}")
-    return parity, merged.float()
+    return parity, keep_head_fp32(merged.to(precision_dtype(precision)))
 
 
 def peak_rss_mb() -> float:

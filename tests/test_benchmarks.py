@@ -26,11 +26,13 @@ def test_bench_infer_smoke(tmp_path):
 
 def test_bench_train_smoke(tmp_path):
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--smoke", "--quiet", "--json", str(out)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--smoke", "--quiet", "--json", str(out),
+               "--labels", "balance,refund,card_lost"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert set(rows) == {"reference", "intentlora"}
     for row in rows.values():
         assert row["samples_per_s"] > 0 and 0 < row["real_tokens_per_s"] <= row["padded_tokens_per_s"]
+        assert row["labels"] == 3 and row["n_test"] == rows["reference"]["n_test"] <= 16
     assert "samples_per_s: intentlora / reference" in result.stdout

@@ -163,6 +163,15 @@ def test_predict_reports_bad_lines_and_writes_the_good_ones(tiny_run, tmp_path):
     assert not strict_out.exists() and list(tmp_path.glob(".strict*")) == []
 
 
+def test_predict_precision_flag(tiny_run):
+    expected = IntentClassifier.from_pretrained(tiny_run, dtype="bf16").predict(TEXTS, top_k=5)
+    result = runner.invoke(app, ["predict", "-m", str(tiny_run), "--precision", "bf16", "--top-k", "5", "--json", *TEXTS])
+    assert result.exit_code == 0, result.output
+    assert_matches_api([json.loads(line) for line in result.stdout.splitlines()], expected)
+    bad = runner.invoke(app, ["predict", "-m", str(tiny_run), "--precision", "fp8", "hello"])
+    assert bad.exit_code == EXIT_INPUT and "precision must be auto, bf16 or fp32, got 'fp8'" in bad.stderr
+
+
 def test_predict_usage_and_input_errors(tiny_run, tmp_path):
     assert runner.invoke(app, ["predict", "-m", str(tiny_run)]).exit_code == EXIT_USAGE
     assert runner.invoke(app, ["predict", "-m", str(tiny_run), "-i", str(tmp_path / "x.jsonl")]).exit_code == EXIT_USAGE

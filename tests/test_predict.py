@@ -40,6 +40,36 @@ def test_a_run_and_its_export_predict_the_same(classifier, tiny_export):
     assert_same(merged.predict(TEXTS, top_k=5), classifier.predict(TEXTS, top_k=5))
 
 
+@pytest.mark.parametrize("source", ["run", "export"])
+def test_bf16_keeps_the_head_fp32_and_stays_close_to_fp32(classifier, tiny_run, tiny_export, source):
+    import torch
+
+    fast = IntentClassifier.from_pretrained(tiny_run if source == "run" else tiny_export, dtype="bf16")
+    params = [(name, p.dtype) for name, p in fast._model.named_parameters() if "lora_" not in name]
+    assert {dtype for name, dtype in params if ".score." in f".{name}"} == {torch.float32}
+    assert {dtype for name, dtype in params if ".score." not in f".{name}"} == {torch.bfloat16}
+    assert_same(fast.predict(TEXTS, top_k=5), classifier.predict(TEXTS, top_k=5), tol=0.05)
+
+
+def test_padding_to_max_length_changes_the_shapes_not_the_logits(classifier):
+    import torch
+
+    from intentlora.predict import batched_logits
+
+    model, tokenizer = classifier._model, classifier._tokenizer
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    try:
+        dynamic = batched_logits(model, tokenizer, TEXTS, batch_size=2, max_length=48)
+        assert max(widths) < 48
+        widths.clear()
+        padded = batched_logits(model, tokenizer, TEXTS, batch_size=2, max_length=48, pad_to_max_length=True)
+        assert set(widths) == {48}
+    finally:
+        hook.remove()
+    torch.testing.assert_close(padded, dynamic, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("batch_size", [1, 2, 64])
 def test_input_order_is_kept_whatever_the_batching(classifier, batch_size):
     alone = [classifier.predict([text], top_k=5)[0] for text in TEXTS]
