@@ -21,12 +21,20 @@ import json
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "reference": ["--config", str(ROOT / "configs" / "seed_qwen2.5-1.5b.yaml")],
     "intentlora": [],
+    # The defaults with one thing changed, to measure what each choice pays (--settings intentlora,fp32,...).
+    "fp32": ["--precision", "fp32"],
+    "no-length-grouping": ["--set", "train.group_by_length=false"],
+    "batch-8": ["--batch-size", "8"],
+    "batch-32": ["--batch-size", "32"],
+    "lora-qv-r8": ["--set", "lora.target_modules=null", "--set", "lora.r=8", "--set", "lora.alpha=16"],
+    "gradient-checkpointing": ["--gradient-checkpointing"],
 }
 # Ten BANKING77 intents near the reference's bank intents (fraud, refund,
 # balance, lost card) plus look-alikes, so a small subset still has ~20
@@ -49,8 +57,11 @@ def run_setting(name: str, args: argparse.Namespace, out: Path) -> dict:
             command += [f"--{flag.replace('_', '-')}", str(value)]
     command += [item for assignment in args.set for item in ("--set", assignment)]
     print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL if args.quiet else None)
-    return json.loads((out / name / "metrics.json").read_text(encoding="utf-8"))
+    metrics = json.loads((out / name / "metrics.json").read_text(encoding="utf-8"))
+    metrics["process_s"] = round(time.perf_counter() - start, 1)  # loading, training, checks, evaluation, report
+    return metrics
 
 
 def keep_labels(source: str, labels: list[str], target: Path) -> str:
@@ -63,7 +74,7 @@ def keep_labels(source: str, labels: list[str], target: Path) -> str:
 def summary_row(metrics: dict) -> dict:
     train = metrics["train"]
     row = {key: train[key] for key in FIGURES}
-    row.update(wall_s=train["seconds"], padding_share=train["padding_share"], macro_f1=metrics["lora"]["macro_f1"],
+    row.update(wall_s=train["seconds"], process_s=metrics["process_s"], padding_share=train["padding_share"], macro_f1=metrics["lora"]["macro_f1"],
                accuracy=metrics["lora"]["accuracy"], epochs=train["epochs"], precision=train["precision"],
                labels=len(metrics["labels"]), **{f"n_{split}": n for split, n in metrics["data"].items() if split != "warnings"})
     return row
@@ -76,11 +87,11 @@ def print_table(rows: dict[str, dict]) -> None:
     print("|---" * (len(columns) + 1) + "|")
     for name, row in rows.items():
         print(f"| {name} | " + " | ".join(f"{row[c]:g}" for c in columns) + " |")
-    if {"reference", "intentlora"} <= rows.keys():
-        ref, ours = rows["reference"], rows["intentlora"]
-        for key in ("samples_per_s", "real_tokens_per_s", "eval_samples_per_s"):
-            print(f"{key}: intentlora / reference = {ours[key] / ref[key]:.1f}x")
-        print(f"macro_f1: reference {ref['macro_f1']:.4f}, intentlora {ours['macro_f1']:.4f}")
+    base = "reference" if "reference" in rows else "intentlora"
+    for name, row in rows.items():
+        if name != base and base in rows:
+            ratios = ", ".join(f"{key} {row[key] / rows[base][key]:.2f}x" for key in ("samples_per_s", "real_tokens_per_s", "eval_samples_per_s"))
+            print(f"{name} / {base}: {ratios}; macro_f1 {row['macro_f1']:.4f} vs {rows[base]['macro_f1']:.4f}")
 
 
 def smoke_model(folder: Path) -> Path:
@@ -113,7 +124,7 @@ def main() -> None:
     parser.add_argument("--labels", default=None, help="comma-separated labels to keep from --train/--test, or BANKING10")
     parser.add_argument("--epochs", type=float, default=None, help="for the intentlora setting (the reference keeps 1)")
     parser.add_argument("--set", action="append", default=[], help="extra config for both settings, section.key=value")
-    parser.add_argument("--settings", default="reference,intentlora")
+    parser.add_argument("--settings", default="reference,intentlora", help=f"comma-separated, from: {', '.join(SETTINGS)}")
     parser.add_argument("--smoke", action="store_true", help="tiny random model and 32 examples: checks the script runs")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--quiet", action="store_true", help="hide the training logs")

@@ -77,6 +77,9 @@ class TrainConfig:
     group_by_length: bool = True
     pad_to_max_length: bool = False  # True only to reproduce the reference recipe (training and evaluation)
     precision: str = "auto"  # auto | bf16 | fp32
+    # Recompute activations in the backward pass: less memory for long texts
+    # or big models, at the cost of about one more forward pass per step.
+    gradient_checkpointing: bool = False
     logging_steps: int = 5
     # Checkpoint (and evaluate, to pick the best) every N optimizer steps, so
     # `--resume` loses at most N steps; None: once per epoch.

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,4 +36,18 @@ def test_bench_train_smoke(tmp_path):
     for row in rows.values():
         assert row["samples_per_s"] > 0 and 0 < row["real_tokens_per_s"] <= row["padded_tokens_per_s"]
         assert row["labels"] == 3 and row["n_test"] == rows["reference"]["n_test"] <= 16
-    assert "samples_per_s: intentlora / reference" in result.stdout
+    assert f"intentlora / reference: samples_per_s {rows['intentlora']['samples_per_s'] / rows['reference']['samples_per_s']:.2f}x" in result.stdout
+
+
+def test_gpu_check_script_smoke(tmp_path):
+    """The GPU check's plumbing on CPU: a tiny model, the environment as it is."""
+    from intentlora.config import BUNDLED_DATA
+
+    env = {**os.environ, "SMOKE": "1", "INSTALL": "0", "PYTHON": sys.executable, "DATA": str(BUNDLED_DATA), "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_check.json").read_text())
+    for name in ("reference", "intentlora"):
+        assert f"{name}: training {rows[name]['wall_s']:.0f} s" in result.stdout
+        assert rows[name]["process_s"] > rows[name]["wall_s"]
+    assert "the reference tutorial reports 183 s" in result.stdout

@@ -134,3 +134,51 @@ def test_token_counts_show_the_padding_the_reference_pays_for(tiny_qwen2, tmp_pa
         lengths = [len(ids) for ids in load_tokenizer(str(tiny_qwen2))([ex.text for ex in load_data(cfg).train], truncation=True, max_length=64)["input_ids"]]
         assert t["real_tokens_per_s"] * t["seconds"] == pytest.approx(sum(lengths), rel=0.01)
     assert shares[True] > shares[False] >= 0
+
+
+def test_gradient_checkpointing_changes_memory_not_results(tiny_qwen2, tmp_path, small_data):
+    """Checkpointing runs each layer's attention again in the backward pass; dropout is replayed, so the steps agree."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    train_file, test_file = small_data
+    losses, layer_calls = {}, {}
+    for checkpointing in (False, True):
+        cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / str(checkpointing), **{
+            "train.gradient_checkpointing": checkpointing, "train.epochs": 1, "train.logging_steps": 1, "eval.baselines": [],
+        })
+        calls = []
+        hook = register_module_forward_hook(
+            lambda module, args, out: calls.append(1) if module.training and type(module).__name__ == "Qwen2Attention" else None
+        )
+        try:
+            result = train(cfg, echo=lambda _: None)
+        finally:
+            hook.remove()
+        losses[checkpointing] = [e["loss"] for e in result.metrics["train"]["log_history"] if "loss" in e]
+        layer_calls[checkpointing] = len(calls)
+    assert layer_calls[True] == 2 * layer_calls[False] > 0
+    assert losses[True] == pytest.approx(losses[False], abs=1e-5)
+
+
+def padding_share(order: list[int], lengths: list[int], batch_size: int) -> float:
+    batches = [[lengths[i] for i in order[start : start + batch_size]] for start in range(0, len(order), batch_size)]
+    return 1 - sum(map(sum, batches)) / sum(max(b) * len(b) for b in batches)
+
+
+def test_length_buckets_pad_less_than_hf_and_still_shuffle():
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    from intentlora.train import LengthBucketSampler
+
+    torch.manual_seed(0)
+    lengths = torch.randint(1, 40, (378,)).tolist()
+    sampler = LengthBucketSampler(lengths, batch_size=16)
+    first, second = list(sampler), list(sampler)
+    assert sorted(first) == sorted(second) == list(range(378))
+    assert first != second
+    # Every batch but the last (378 = 23 x 16 + 10) is full and cut from one sorted span.
+    assert len({lengths[i] for i in first[-10:]}) <= 3
+    ours = padding_share(first, lengths, 16)
+    hf = padding_share(list(LengthGroupedSampler(16, lengths=lengths)), lengths, 16)
+    shuffled = padding_share(torch.randperm(378).tolist(), lengths, 16)
+    assert ours < 0.05 < hf < shuffled
