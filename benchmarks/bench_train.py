@@ -74,7 +74,7 @@ def keep_labels(source: str, labels: list[str], target: Path) -> str:
 def summary_row(metrics: dict) -> dict:
     train = metrics["train"]
     row = {key: train[key] for key in FIGURES}
-    row.update(wall_s=train["seconds"], process_s=metrics["process_s"], padding_share=train["padding_share"], macro_f1=metrics["lora"]["macro_f1"],
+    row.update(wall_s=train["seconds"], eval_in_training_s=train["eval_during_training_s"], process_s=metrics["process_s"], padding_share=train["padding_share"], macro_f1=metrics["lora"]["macro_f1"],
                accuracy=metrics["lora"]["accuracy"], epochs=train["epochs"], precision=train["precision"],
                labels=len(metrics["labels"]), **{f"n_{split}": n for split, n in metrics["data"].items() if split != "warnings"})
     return row

@@ -112,6 +112,9 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
     hook.remove()
     resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
     trained_here = 1 - resumed_step / max(trainer.state.global_step, 1)  # the share of training this process did
+    # Throughput counts training alone: the per-epoch evaluations are timed apart.
+    evaluating = sum(e.get("eval_runtime", 0.0) for e in trainer.state.log_history if e.get("step", 0) > resumed_step)
+    training = max(seconds - evaluating, 1e-9)
     if not main:
         return RunResult(run_dir, {})
 
@@ -128,10 +131,11 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
         "lora": lora_metrics,
         "train": {
             "seconds": round(seconds, 2),
-            "samples_per_s": round(len(splits.train) * cfg.train.epochs * trained_here / seconds, 3),
+            "eval_during_training_s": round(evaluating, 2),
+            "samples_per_s": round(len(splits.train) * cfg.train.epochs * trained_here / training, 3),
             # Counted on rank 0; the other processes see as many batches.
-            "real_tokens_per_s": round(tokens.real * world_size / seconds, 1),
-            "padded_tokens_per_s": round(tokens.padded * world_size / seconds, 1),
+            "real_tokens_per_s": round(tokens.real * world_size / training, 1),
+            "padded_tokens_per_s": round(tokens.padded * world_size / training, 1),
             "padding_share": round(1 - tokens.real / max(tokens.padded, 1), 4),
             "eval_seconds": round(eval_seconds, 2),
             "eval_samples_per_s": round(len(splits.test) / eval_seconds, 2),
