@@ -71,10 +71,10 @@ def batched_logits(
     encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out = None  # sized by the first batch: with several adapters the active head knows the label count, not model.config
+    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
     with autocast_for(model):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
             batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(device)
             logits = model(**batch).logits.float().cpu()
             if out is None:
