@@ -133,7 +133,9 @@ def test_token_counts_show_the_padding_the_reference_pays_for(tiny_qwen2, tmp_pa
         shares[pad] = t["padding_share"]
         lengths = [len(ids) for ids in load_tokenizer(str(tiny_qwen2))([ex.text for ex in load_data(cfg).train], truncation=True, max_length=64)["input_ids"]]
         assert 0 < t["eval_during_training_s"] < t["seconds"]  # throughput leaves the per-epoch evaluation out
-        assert t["real_tokens_per_s"] * (t["seconds"] - t["eval_during_training_s"]) == pytest.approx(sum(lengths), rel=0.01)
+        training = t["seconds"] - t["eval_during_training_s"]
+        rounding = t["real_tokens_per_s"] * 0.011 + 0.05 * training + 1  # both seconds are rounded to 0.01, tokens/s to 0.1
+        assert t["real_tokens_per_s"] * training == pytest.approx(sum(lengths), abs=rounding)
     assert shares[True] > shares[False] >= 0
 
 
