@@ -7,6 +7,7 @@ config -> data -> model + LoRA -> baselines -> fit -> save adapter
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import resource
@@ -119,7 +120,12 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
         return RunResult(run_dir, {})
 
     adapter_dir = save_run(trainer.model, splits.labels, run_dir)
-    parity, merged = verify_saved_adapter(trainer.model, tokenizer, splits, cfg, model_path, adapter_dir, precision)
+    trained = probe_logits(trainer.model, tokenizer, splits, cfg)
+    state = trainer.state
+    # The merge check holds a float64 copy (8 bytes a parameter): free the trained model first.
+    del trainer, model, base
+    gc.collect()
+    parity, merged = verify_saved_adapter(trained, tokenizer, splits, cfg, model_path, adapter_dir, precision)
     start = time.perf_counter()
     lora_metrics, probs = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
     eval_seconds = time.perf_counter() - start
@@ -145,14 +151,14 @@ def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
             "lr": t.lr,
             "processes": world_size,
             "global_batch_size": global_batch,
-            "steps": trainer.state.global_step,
+            "steps": state.global_step,
             "resumed_from_step": resumed_step or None,
-            "best_checkpoint": trainer.state.best_model_checkpoint,
+            "best_checkpoint": state.best_model_checkpoint,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "adapter_size_mb": round(dir_size_mb(adapter_dir), 3),
-            "log_history": trainer.state.log_history,
+            "log_history": state.log_history,
         },
         "parity": parity,
         "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test),
@@ -443,8 +449,14 @@ def save_run(model, labels: list[str], run_dir: Path) -> Path:
     return adapter_dir
 
 
-def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_path: str, adapter_dir: Path, precision: str):
-    """Reload the adapter from disk and merge it; both must give the trained model's logits.
+def probe_logits(model, tokenizer, splits: Splits, cfg: Config) -> torch.Tensor:
+    """Logits on the first test texts: what a saved, reloaded or merged adapter must reproduce."""
+    probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
+    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)
+
+
+def verify_saved_adapter(trained: torch.Tensor, tokenizer, splits: Splits, cfg: Config, model_path: str, adapter_dir: Path, precision: str):
+    """Reload the adapter from disk and merge it; both must give the `trained` probe_logits.
 
     The reload is compared in the training precision (it must match exactly).
     The merge is compared in float64: in fp32 a 24-layer model's logits move by
@@ -454,13 +466,11 @@ def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_pa
     (head fp32): the final evaluation scores the saved artifact, at the speed
     the hardware allows (bf16 doubles CPU throughput; see docs/BENCHMARKS.md).
     """
-    probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
-    logits = lambda m: batched_logits(m, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)  # noqa: E731
+    logits = lambda m: probe_logits(m, tokenizer, splits, cfg)  # noqa: E731
     load = lambda dtype, load_in_4bit=False: load_classifier(  # noqa: E731
         model_path, splits.labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision,
         cfg.model.allow_pickle, load_in_4bit,
     )
-    trained = logits(model)
     reloaded = load_adapter(load(precision_dtype(precision), cfg.model.load_in_4bit), adapter_dir)
     reload_diff = (logits(reloaded) - trained).abs().max().item()
     del reloaded
@@ -474,7 +484,7 @@ def verify_saved_adapter(model, tokenizer, splits: Splits, cfg: Config, model_pa
         "reload_max_abs_diff": reload_diff,
         "merge_max_abs_diff": merge_diff,
         "tolerance": PARITY_TOLERANCE,
-        "probe_texts": len(probe),
+        "probe_texts": len(trained),
     }
     if reload_diff > PARITY_TOLERANCE or merge_diff > PARITY_TOLERANCE:
         raise ParityError(f"saved adapter does not reproduce the trained model: {parity}")

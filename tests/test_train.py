@@ -8,7 +8,7 @@ from transformers import AutoModelForSequenceClassification
 
 from intentlora.models import load_classifier, load_tokenizer, merge_run
 from intentlora.predict import batched_logits
-from intentlora.train import ParityError, load_data, train, verify_saved_adapter
+from intentlora.train import ParityError, load_data, probe_logits, train, verify_saved_adapter
 from tests.conftest import tiny_config
 
 
@@ -90,7 +90,7 @@ def test_a_corrupted_adapter_fails_parity(qwen_run, tiny_qwen2, tmp_path):
     tokenizer = load_tokenizer(str(tiny_qwen2))
     trained = PeftModel.from_pretrained(load_classifier(str(tiny_qwen2), splits.labels, tokenizer.pad_token_id), result.run_dir / "adapter")
     with pytest.raises(ParityError):
-        verify_saved_adapter(trained, tokenizer, splits, cfg, str(tiny_qwen2), adapter, "fp32")
+        verify_saved_adapter(probe_logits(trained, tokenizer, splits, cfg), tokenizer, splits, cfg, str(tiny_qwen2), adapter, "fp32")
 
 
 def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
