@@ -421,9 +421,9 @@ class LengthBucketTrainer(Trainer):
     """The HF Trainer with LengthBucketSampler for group_by_length."""
 
     def _get_train_sampler(self, train_dataset=None):
-        dataset = train_dataset if train_dataset is not None else self.train_dataset
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = dataset["length"] if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
         return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
 
