@@ -31,7 +31,8 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from intentlora.config import BUNDLED_DATA
-from intentlora.models import load_classifier, load_tokenizer, merge_run, precision_dtype, resolve_model_path
+from intentlora.inference import precision_dtype
+from intentlora.models import load_classifier, load_tokenizer, merge_run, resolve_model_path
 from intentlora.offline import cache_dir
 from intentlora.predict import IntentClassifier
 

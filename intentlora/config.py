@@ -71,12 +71,15 @@ class TrainConfig:
     eval_batch_size: int = 16  # on CPU, 16-32 beat 64+ (activations stay in cache); see docs/BENCHMARKS.md
     grad_accum: int = 1
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # share of the optimizer steps spent warming up the learning rate, in [0, 1)
     lr_scheduler: str = "linear"
     seed: int = 42
     group_by_length: bool = True
     pad_to_max_length: bool = False  # True only to reproduce the reference recipe (training and evaluation)
     precision: str = "auto"  # auto | bf16 | fp32
+    # auto: the GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU; or cpu, cuda, cuda:1, ...
+    # Every model a run loads (baselines, training, checks, final evaluation) goes there.
+    device: str = "auto"
     # Recompute activations in the backward pass: less memory for long texts
     # or big models, at the cost of about one more forward pass per step.
     gradient_checkpointing: bool = False
@@ -84,6 +87,8 @@ class TrainConfig:
     # Checkpoint (and evaluate, to pick the best) every N optimizer steps, so
     # `--resume` loses at most N steps; None: once per epoch.
     save_steps: int | None = None
+    # Experiment tracking through the Trainer's integrations: none, tensorboard, mlflow, trackio, wandb (a list).
+    report_to: list[str] = field(default_factory=lambda: ["none"])
 
 
 @dataclass
@@ -99,6 +104,8 @@ class EvalConfig:
 @dataclass
 class OutputConfig:
     dir: str | None = None  # None: runs/<timestamp>
+    # Checkpoints serve --resume while a run is unfinished; a finished run deletes them unless asked.
+    keep_checkpoints: bool = False
 
 
 @dataclass

@@ -8,8 +8,8 @@ and `trust_remote_code` off unless asked.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -20,10 +20,21 @@ from peft import PeftModel, TaskType, get_peft_model
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 
-from intentlora.config import LoraConfig, load_config
+from intentlora.config import LoraConfig, ModelConfig
+from intentlora.files import staged_dir
+from intentlora.inference import resolve_device
 from intentlora.offline import PREFIX as PYPI_PREFIX
-from intentlora.files import publish_dir, staging_dir
 from intentlora.offline import resolve_gguf_file, resolve_offline
+from intentlora.rundir import (
+    ADAPTER_DIR,
+    CALIBRATION_FILE,
+    check_run_dir,
+    inference_settings,
+    read_config,
+    read_labels,
+    write_inference_settings,
+    write_labels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,12 +50,6 @@ TARGET_MODULES = {
 }
 DEFAULT_TARGET_MODULES = ["q_proj", "v_proj"]  # Qwen2, Llama, Mistral, Gemma, ...
 HEAD_NAMES = ("score", "classifier")  # what PEFT's SEQ_CLS task saves with the adapter
-# Written by `calibrate` next to a model; `export` carries it into the merged folder.
-CALIBRATION_FILE = "calibration.json"
-
-
-class IncompleteRunError(FileNotFoundError):
-    """A run directory that `train` did not finish: its adapter may be half written or untested."""
 
 
 class PickleWeightsError(ValueError):
@@ -58,10 +63,12 @@ class QuantizationError(ValueError):
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-def resolve_model_path(spec: str, revision: str | None = None) -> str:
-    """A hub id stays a hub id; everything else becomes a local folder."""
+def resolve_model_path(spec: str, revision: str | None = None, notify=None) -> str:
+    """A hub id stays a hub id; everything else becomes a local folder.
+
+    `notify(line)` hears about slow one-time work (converting a GGUF into the cache)."""
     if spec.startswith(PYPI_PREFIX):
-        return str(resolve_offline(spec))
+        return str(resolve_offline(spec, notify))
     if spec.startswith(MODELSCOPE_PREFIX):
         try:
             from modelscope import snapshot_download
@@ -72,33 +79,10 @@ def resolve_model_path(spec: str, revision: str | None = None) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FileNotFoundError(f"{spec}: GGUF file not found")
-        return str(resolve_gguf_file(path))
+        return str(resolve_gguf_file(path, notify))
     if path.exists():
         return str(path)
     return spec
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision(precision)]
-
-
-def resolve_precision(precision: str) -> str:
-    """`auto` is bf16 where the hardware computes it natively, else fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
-def cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def check_safetensors(path: str, allow_pickle: bool = False) -> None:
@@ -159,25 +143,36 @@ def load_classifier(
     labels: list[str],
     pad_token_id: int,
     dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    load_in_4bit: bool = False,
+    options: ModelConfig | None = None,
+    device: str | torch.device | None = "cpu",
 ) -> PreTrainedModel:
     """The base model with a new classification head for `labels`."""
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path,
-        num_labels=len(labels),
-        id2label=dict(enumerate(labels)),
-        label2id={label: i for i, label in enumerate(labels)},
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        revision=revision,
-        **weights_format(path, allow_pickle),
-        **quantization(load_in_4bit),
+    model = load_pretrained(
+        AutoModelForSequenceClassification, path, dtype, options, device,
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
     )
     model.config.pad_token_id = pad_token_id
     return keep_head_fp32(model)
+
+
+def load_causal_lm(
+    path: str, dtype: torch.dtype = torch.float32, options: ModelConfig | None = None, device: str | torch.device | None = "cpu"
+) -> PreTrainedModel:
+    """The base model with its language-model head, for zero-shot prompting."""
+    return load_pretrained(AutoModelForCausalLM, path, dtype, options, device)
+
+
+def load_pretrained(auto_class, path: str, dtype: torch.dtype, options: ModelConfig | None, device, **extra) -> PreTrainedModel:
+    """The one place model weights are read: safetensors only unless allowed, remote code only when asked,
+    4-bit only on CUDA, and on `device` ("auto": the GPU when there is one)."""
+    options = options or ModelConfig()
+    model = auto_class.from_pretrained(
+        path, dtype=dtype, trust_remote_code=options.trust_remote_code, revision=options.revision,
+        **weights_format(path, options.allow_pickle), **quantization(options.load_in_4bit), **extra,
+    )
+    if not options.load_in_4bit:  # bitsandbytes placed it already
+        model.to(resolve_device(device))
+    return model
 
 
 def keep_head_fp32(model: PreTrainedModel) -> PreTrainedModel:
@@ -188,21 +183,6 @@ def keep_head_fp32(model: PreTrainedModel) -> PreTrainedModel:
             if isinstance(getattr(model, name, None), torch.nn.Module):
                 getattr(model, name).float()
     return model
-
-
-def load_causal_lm(
-    path: str,
-    dtype: torch.dtype = torch.float32,
-    trust_remote_code: bool = False,
-    revision: str | None = None,
-    allow_pickle: bool = False,
-    load_in_4bit: bool = False,
-) -> PreTrainedModel:
-    """The base model with its language-model head, for zero-shot prompting."""
-    return AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, revision=revision,
-        **weights_format(path, allow_pickle), **quantization(load_in_4bit),
-    )
 
 
 def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str] | str:
@@ -275,69 +255,95 @@ def dir_size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 2**20
 
 
-def check_run_dir(run_dir: Path) -> None:
-    """Refuse folders that are not runs, and runs that `train` did not finish (metrics.json is written last)."""
-    if (run_dir / "config.yaml").is_file() and not (run_dir / "metrics.json").is_file():
-        raise IncompleteRunError(
-            f"{run_dir}: incomplete run (no metrics.json): training did not finish or crashed, "
-            "so the adapter may be partial or failed its parity check; train again (or --resume)"
-        )
-    for required in ("config.yaml", "labels.json", "adapter/adapter_config.json"):
-        if not (run_dir / required).is_file():
-            raise IncompleteRunError(f"{run_dir}: not a complete run directory (missing {required})")
-
-
-def load_run_labels(run_dir: Path) -> list[str]:
-    return json.loads((run_dir / "labels.json").read_text(encoding="utf-8"))
-
-
 def load_run(
     run_dir: str | Path,
     dtype: torch.dtype = torch.float32,
     base: str | None = None,
     adapter_name: str = "default",
     allow_pickle: bool = False,
+    device: str | torch.device | None = "cpu",
+    check_finished: bool = True,
 ):
     """(model with adapter, tokenizer, labels) from a run directory written by `train`.
 
     `base` replaces the run's base model spec (e.g. a local copy of a hub model).
     Pickle weights need `allow_pickle` here, whatever the run's config says:
-    a run directory may come from someone else.
+    a run directory may come from someone else. `check_finished` False lets
+    `train` load its own run before metrics.json exists.
     """
     run_dir = Path(run_dir)
-    check_run_dir(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
+    if check_finished:
+        check_run_dir(run_dir)
+    cfg = read_config(run_dir)
     if cfg.model.trust_remote_code:
         log.warning("%s: trust_remote_code is on in this run's config: code from the model repository will run", run_dir)
-    labels = load_run_labels(run_dir)
+    labels = read_labels(run_dir)
+    options = dataclasses.replace(cfg.model, allow_pickle=allow_pickle, load_in_4bit=False)
     path = resolve_model_path(base or cfg.model.name, cfg.model.revision)
     tokenizer = load_tokenizer(path, cfg.model.trust_remote_code, cfg.model.revision)
-    base = load_classifier(path, labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision, allow_pickle)
-    return load_adapter(base, run_dir / "adapter", adapter_name), tokenizer, labels
+    model = load_classifier(path, labels, tokenizer.pad_token_id, dtype, options, device)
+    return load_adapter(model, run_dir / ADAPTER_DIR, adapter_name), tokenizer, labels
 
 
 def merge_run(run_dir: str | Path, out_dir: str | Path, allow_pickle: bool = False) -> Path:
     """Write base + adapter as one fp32 model folder that plain transformers loads (`export`, `merge`).
 
     The folder also keeps what predictions depend on: the labels (config
-    id2label, labels.json), the run's truncation length (the tokenizer's
-    model_max_length) and the run's calibration.json, if any.
+    id2label, labels.json), how the run turned texts into inputs
+    (intentlora.json: truncation length, padding) and the run's
+    calibration.json, if any.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     model, tokenizer, labels = load_run(run_dir, torch.float32, allow_pickle=allow_pickle)
     merged = model.merge_and_unload()
-    tokenizer.model_max_length = load_config(run_dir / "config.yaml").data.max_length
-    tmp = staging_dir(out_dir)
-    merged.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "labels.json").write_text(json.dumps(labels, ensure_ascii=False, indent=2), encoding="utf-8")
-    if (run_dir / CALIBRATION_FILE).is_file():
-        shutil.copyfile(run_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
-    publish_dir(tmp, out_dir)
+    settings = inference_settings(read_config(run_dir))
+    tokenizer.model_max_length = settings["max_length"]
+    with staged_dir(out_dir) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_labels(tmp, labels)
+        write_inference_settings(tmp, settings)
+        if (run_dir / CALIBRATION_FILE).is_file():
+            shutil.copyfile(run_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
     return out_dir
 
 
-def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None, allow_pickle: bool = False):
+def check_merge(model: PeftModel, inputs: int = 4, seed: int = 0) -> dict:
+    """Merge every LoRA layer alone, in float64, and compare its outputs before and after.
+
+    A merged layer must compute what the adapter computes: base(x) + B(A(x)) x
+    scaling. One layer at a time, so the check costs the memory of the largest
+    layer, not of a float64 copy of the model; float64, so rounding (~1e-12
+    relative) cannot hide a wrong merge (a wrong scale, a missed or transposed
+    update: off by the size of the update itself). Returns the worst absolute
+    and relative differences.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    generator = torch.Generator().manual_seed(seed)
+    worst_abs = worst_rel = 0.0
+    layers = 0
+    for module in model.modules():
+        if not isinstance(module, LoraLayer) or not isinstance(module.get_base_layer(), torch.nn.Linear):
+            continue
+        layer = copy.deepcopy(module).to(device="cpu", dtype=torch.float64).eval()
+        x = torch.randn(inputs, layer.get_base_layer().in_features, dtype=torch.float64, generator=generator)
+        with torch.no_grad():
+            before = layer(x)
+            layer.merge(safe_merge=True)
+            after = layer.get_base_layer()(x)
+        diff = (after - before).abs().max().item()
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(before.abs().max().item(), 1e-30))
+        layers += 1
+        del layer
+    return {"layers": layers, "max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
+
+
+def load_merged_classifier(
+    path: str, trust_remote_code: bool = False, dtype: torch.dtype | None = None, allow_pickle: bool = False,
+    device: str | torch.device | None = "cpu",
+):
     """(model, tokenizer, labels) for a folder that already holds a classifier, else None.
 
     `dtype` None keeps the dtype the folder was saved in.
@@ -348,7 +354,7 @@ def load_merged_classifier(path: str, trust_remote_code: bool = False, dtype: to
     tokenizer = load_tokenizer(path, trust_remote_code)
     model = AutoModelForSequenceClassification.from_pretrained(
         path, trust_remote_code=trust_remote_code, dtype=dtype or "auto", **weights_format(path, allow_pickle)
-    )
+    ).to(resolve_device(device))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return keep_head_fp32(model), tokenizer, [model.config.id2label[i] for i in range(model.config.num_labels)]

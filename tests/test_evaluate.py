@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from intentlora.data import Example
-from intentlora.evaluate import classification_metrics, tfidf_baseline, zero_shot_prompts, zero_shot_scores
+from intentlora.evaluate import classification_metrics, tfidf_baseline
+from intentlora.zeroshot import zero_shot_prompts, zero_shot_scores
 from intentlora.models import load_causal_lm, load_tokenizer
 
 LABELS = ["balance", "card_lost", "fraud_risk", "other", "refund"]
@@ -14,7 +15,7 @@ def test_metrics_against_hand_computed_values():
     m = classification_metrics(gold, pred, ["a", "b", "c"])
     assert m["accuracy"] == pytest.approx(4 / 6)
     # a: P=1/2 R=1/2 F=1/2; b: P=2/3 R=1 F=0.8; c: P=1 R=1/2 F=2/3
-    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert m["per_class"]["a"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2, "present": True}
     assert m["per_class"]["b"]["f1"] == pytest.approx(0.8)
     assert m["macro_f1"] == pytest.approx((0.5 + 0.8 + 2 / 3) / 3)
     assert m["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
@@ -22,7 +23,17 @@ def test_metrics_against_hand_computed_values():
 
 def test_metrics_count_labels_never_predicted():
     m = classification_metrics([0, 1, 2], [0, 0, 0], ["a", "b", "c"])
-    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1, "present": True}
+    assert m["macro_f1"] == pytest.approx((0.5 + 0 + 0) / 3)  # in the gold labels: it counts, as a 0
+
+
+def test_macro_f1_leaves_out_labels_absent_from_gold_and_predictions():
+    """A label the test set lacks and the model never predicts has no F1; counting it as 0 would halve this score."""
+    m = classification_metrics([0, 1, 0, 1], [0, 1, 0, 1], ["a", "b", "c", "d"])
+    assert m["macro_f1"] == 1.0 and m["absent_labels"] == ["c", "d"]
+    assert m["per_class"]["c"]["present"] is False and m["per_class"]["a"]["present"] is True
+    predicted_only = classification_metrics([0, 0], [0, 2], ["a", "b", "c"])  # c predicted, never gold: a false positive counts
+    assert predicted_only["absent_labels"] == ["b"] and predicted_only["macro_f1"] == pytest.approx((2 / 3 + 0) / 2)
 
 
 def test_tfidf_beats_chance_on_the_bundled_data(bundled_rows):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import PeftModel
 
-from intentlora.config import LoraConfig
+from intentlora.config import LoraConfig, ModelConfig
 from intentlora.models import (
     PickleWeightsError,
     add_lora,
@@ -13,7 +13,7 @@ from intentlora.models import (
     resolve_model_path,
     target_modules_for,
 )
-from intentlora.predict import batched_logits
+from intentlora.inference import batched_logits
 
 LABELS = ["a", "b", "c"]
 
@@ -63,10 +63,10 @@ def test_pickle_weights_are_refused_unless_allowed(pickled_qwen2, tiny_qwen2):
     with pytest.raises(PickleWeightsError, match=r"pickle files only \(pytorch_model.bin\).*--allow-pickle"):
         classifier(pickled_qwen2)
     tokenizer = load_tokenizer(str(pickled_qwen2))
-    allowed = load_classifier(str(pickled_qwen2), LABELS, tokenizer.pad_token_id, allow_pickle=True)
+    allowed = load_classifier(str(pickled_qwen2), LABELS, tokenizer.pad_token_id, options=ModelConfig(allow_pickle=True))
     reference = classifier(tiny_qwen2)[0]
     torch.testing.assert_close(allowed.model.embed_tokens.weight, reference.model.embed_tokens.weight, atol=0, rtol=0)
-    safe = load_classifier(str(tiny_qwen2), LABELS, tokenizer.pad_token_id, allow_pickle=True)  # safetensors still come first
+    safe = load_classifier(str(tiny_qwen2), LABELS, tokenizer.pad_token_id, options=ModelConfig(allow_pickle=True))  # safetensors still come first
     assert safe.config.num_labels == 3
 
 

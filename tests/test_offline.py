@@ -44,7 +44,7 @@ def test_a_converted_model_is_reused(tmp_path, monkeypatch):
 def test_user_gguf_files_are_cached_by_content(tmp_path, monkeypatch):
     monkeypatch.setenv("INTENTLORA_CACHE", str(tmp_path / "cache"))
     seen = []
-    monkeypatch.setattr(offline, "convert_gguf", lambda gguf, target: seen.append(target) or target)
+    monkeypatch.setattr(offline, "convert_gguf", lambda gguf, target, notify=None: seen.append(target) or target)
     a, b = tmp_path / "m.gguf", tmp_path / "other" / "m.gguf"
     b.parent.mkdir()
     a.write_bytes(b"one")

@@ -54,7 +54,7 @@ def test_bf16_keeps_the_head_fp32_and_stays_close_to_fp32(classifier, tiny_run, 
 def test_padding_to_max_length_changes_the_shapes_not_the_logits(classifier):
     import torch
 
-    from intentlora.predict import batched_logits
+    from intentlora.inference import batched_logits
 
     model, tokenizer = classifier._model, classifier._tokenizer
     widths = []

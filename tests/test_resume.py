@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from intentlora.cli import EXIT_INPUT, app
-from intentlora.train import CHECKPOINT_FILES, is_complete_checkpoint
+from intentlora.rundir import CHECKPOINT_FILES, is_complete_checkpoint
 from tests.conftest import ROOT, write_jsonl
 
 runner = CliRunner()

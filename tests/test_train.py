@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSequenceClassification
 
 from intentlora.models import load_classifier, load_tokenizer, merge_run
-from intentlora.predict import batched_logits
+from intentlora.inference import batched_logits
 from intentlora.train import ParityError, load_data, probe_logits, train, verify_saved_adapter
 from tests.conftest import tiny_config
 
@@ -89,8 +89,29 @@ def test_a_corrupted_adapter_fails_parity(qwen_run, tiny_qwen2, tmp_path):
     splits = load_data(cfg)
     tokenizer = load_tokenizer(str(tiny_qwen2))
     trained = PeftModel.from_pretrained(load_classifier(str(tiny_qwen2), splits.labels, tokenizer.pad_token_id), result.run_dir / "adapter")
-    with pytest.raises(ParityError):
-        verify_saved_adapter(probe_logits(trained, tokenizer, splits, cfg), tokenizer, splits, cfg, str(tiny_qwen2), adapter, "fp32")
+    probe = lambda model: probe_logits(model, tokenizer, splits, cfg)  # noqa: E731
+    reloaded = PeftModel.from_pretrained(load_classifier(str(tiny_qwen2), splits.labels, tokenizer.pad_token_id), adapter)
+    with pytest.raises(ParityError, match="reload_max_abs_diff"):
+        verify_saved_adapter(probe(trained), reloaded, probe, 1e-4)
+    assert verify_saved_adapter(probe(trained), trained, probe, 1e-4)["merge_layers"] > 0
+
+
+def test_a_wrong_merge_fails_the_layer_by_layer_check(qwen_run, tiny_qwen2, monkeypatch):
+    """check_merge must catch a merge that adds the wrong update, as the float64 whole-model check did."""
+    from peft.tuners.lora.layer import Linear
+
+    from intentlora.models import check_merge
+
+    cfg, result = qwen_run
+    splits = load_data(cfg)
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    model = PeftModel.from_pretrained(load_classifier(str(tiny_qwen2), splits.labels, tokenizer.pad_token_id), result.run_dir / "adapter")
+    right = check_merge(model)
+    assert right["layers"] == 2 * 7 and right["max_rel_diff"] < 1e-12  # 2 layers x all 7 linear modules (the default)
+    delta = Linear.get_delta_weight
+    monkeypatch.setattr(Linear, "get_delta_weight", lambda self, adapter: 1.01 * delta(self, adapter))  # a 1% wrong scale
+    wrong = check_merge(model)
+    assert wrong["max_rel_diff"] > 1e-6
 
 
 def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
@@ -175,8 +196,11 @@ def test_length_buckets_pad_less_than_hf_and_still_shuffle():
 
     torch.manual_seed(0)
     lengths = torch.randint(1, 40, (378,)).tolist()
-    sampler = LengthBucketSampler(lengths, batch_size=16)
-    first, second = list(sampler), list(sampler)
+    sampler = LengthBucketSampler(lengths, batch_size=16, seed=42)
+    first = list(sampler)
+    assert list(sampler) == first == list(LengthBucketSampler(lengths, batch_size=16, seed=42))  # (seed, epoch) decide
+    sampler.set_epoch(1)
+    second = list(sampler)
     assert sorted(first) == sorted(second) == list(range(378))
     assert first != second
     # Every batch but the last (378 = 23 x 16 + 10) is full and cut from one sorted span.
