@@ -71,18 +71,20 @@ def batched_logits(
     max_length: int = 128,
     pad_to_max_length: bool = False,
     progress=None,
+    prompt_template: str | None = None,
 ) -> torch.Tensor:
     """fp32 logits of shape (len(texts), num_labels) on the CPU, in the order of `texts`.
 
     Texts run sorted by length, so a batch pads to its own longest text;
     `pad_to_max_length` pads all to `max_length` (only to reproduce the reference).
+    `prompt_template` ("...{text}...") wraps each text as the run trained on it.
     `progress(n)` is called after each batch with its number of texts.
     """
     model.eval()
     if not texts:
         return torch.empty(0, model.config.num_labels)
     device = model_device(model)
-    encoded = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    encoded = encode(tokenizer, texts, max_length, prompt_template)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out = None  # sized by the first batch: with several adapters the active head knows the label count, not model.config
     padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
@@ -97,6 +99,16 @@ def batched_logits(
             if progress is not None:
                 progress(len(rows))
     return out
+
+
+def apply_template(texts, prompt_template: str | None) -> list[str]:
+    """The text as the model sees it: wrapped in the run's prompt template, if it has one."""
+    return [prompt_template.replace("{text}", text) for text in texts] if prompt_template else list(texts)
+
+
+def encode(tokenizer, texts, max_length: int, prompt_template: str | None = None) -> list[list[int]]:
+    """Token ids, truncated to `max_length`: the one tokenization training, evaluation and serving share."""
+    return tokenizer(apply_template(texts, prompt_template), truncation=True, max_length=max_length)["input_ids"]
 
 
 def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:

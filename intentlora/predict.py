@@ -71,8 +71,8 @@ class _Route:
 
     labels: list[str]
     adapter: str | None  # PEFT adapter name; None for a merged model
-    max_length: int
-    pad_to_max_length: bool = False
+    # How texts become inputs, as the run trained (rundir.inference_settings): batched_logits' keyword arguments.
+    settings: dict
     threshold: float | None = None
     fallback_label: str | None = None
 
@@ -130,7 +130,8 @@ class IntentClassifier:
         else:
             model, tokenizer, routes = load_runs(sources, torch_dtype, allow_pickle, device, base=base)
         for name, route in routes.items():
-            route.max_length = max_length or route.max_length
+            if max_length:
+                route.settings = {**route.settings, "max_length": max_length}
             calibration = read_calibration(sources[name])
             route.threshold, route.fallback_label = fallback_rule(route.labels, calibration, threshold, fallback_label, str(sources[name]))
         return cls(model, tokenizer, routes, batch_size)
@@ -163,8 +164,7 @@ class IntentClassifier:
             if route.adapter is not None and route.adapter != self._active:
                 self._model.set_adapter(route.adapter, inference_mode=True)
                 self._active = route.adapter
-            logits = batched_logits(self._model, self._tokenizer, list(texts), self.batch_size, route.max_length, route.pad_to_max_length,
-                                    progress)
+            logits = batched_logits(self._model, self._tokenizer, list(texts), self.batch_size, progress=progress, **route.settings)
         return logits.softmax(-1)
 
     def _route(self, model: str | None) -> _Route:
@@ -194,7 +194,7 @@ def load_merged(path: Path, dtype: torch.dtype, allow_pickle: bool = False, devi
         raise ValueError(f"{path}: a base model, not a classifier; give a run directory or a folder written by `export`")
     model, tokenizer, labels = loaded
     settings = read_inference_settings(path) or {"max_length": tokenizer_max_length(tokenizer)}
-    return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, settings["max_length"], settings.get("pad_to_max_length", False))}
+    return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, settings)}
 
 
 def tokenizer_max_length(tokenizer) -> int:
@@ -222,8 +222,7 @@ def load_runs(sources: dict[str, Path], dtype: torch.dtype, allow_pickle: bool =
 
 
 def run_route(labels: list[str], adapter: str, cfg) -> _Route:
-    settings = inference_settings(cfg)
-    return _Route(labels, adapter, settings["max_length"], settings["pad_to_max_length"])
+    return _Route(labels, adapter, inference_settings(cfg))
 
 
 def classifier_for_run(run_dir: Path, *, device: str | torch.device | None = None, allow_pickle: bool = False) -> IntentClassifier:
