@@ -67,3 +67,48 @@ for name, row in rows.items():
 ref, ours = rows["reference"], rows["intentlora"]
 print(f"training samples/s: intentlora / reference = {ours['samples_per_s'] / ref['samples_per_s']:.1f}x")
 EOF
+
+# The tool's own default `train` end to end on the same data: every baseline,
+# the reload and merge checks (exit 3 on a mismatch), the report; then
+# `export`, and `eval` on the export must reproduce the run's score; every
+# model must have run on the GPU when there is one. Any failure stops the
+# script with a non-zero exit.
+E2E_MODEL=$MODEL
+if [ -n "${SMOKE:-}" ]; then
+  E2E_MODEL=$($PYTHON - "$RESULTS" 2>/dev/null <<'EOF' | tail -n 1
+import importlib.util, pathlib, sys
+spec = importlib.util.spec_from_file_location("bench_train", "benchmarks/bench_train.py")
+bench = importlib.util.module_from_spec(spec); spec.loader.exec_module(bench)
+print(bench.smoke_model(pathlib.Path(sys.argv[1]) / "e2e-model"), end="")  # the path alone on stdout
+EOF
+)
+fi
+rm -rf "$RESULTS/run" "$RESULTS/export"
+$PYTHON -m intentlora.cli train --model "$E2E_MODEL" --train "$DATA/train.jsonl" --test "$DATA/test.jsonl" \
+  --max-train-samples "$TRAIN_SAMPLES" --max-test-samples "$TEST_SAMPLES" ${SMOKE:+--epochs 1} --output "$RESULTS/run"
+$PYTHON -m intentlora.cli export "$RESULTS/run" "$RESULTS/export"
+$PYTHON - "$RESULTS" <<'EOF'
+import json, subprocess, sys
+from pathlib import Path
+
+import torch
+
+from intentlora.rundir import read_config
+from intentlora.train import load_data
+
+results = Path(sys.argv[1])
+metrics = json.loads((results / "run" / "metrics.json").read_text())
+test = results / "test_used.jsonl"  # the test texts the run scored (after --max-test-samples)
+test.write_text("".join(json.dumps({"text": ex.text, "label": ex.label}, ensure_ascii=False) + "\n"
+                        for ex in load_data(read_config(results / "run")).test), encoding="utf-8")
+out = results / "export_eval.json"
+subprocess.run([sys.executable, "-m", "intentlora.cli", "eval", "--model", str(results / "export"), "--data", str(test), "-o", str(out)],
+               check=True, stdout=subprocess.DEVNULL)
+exported = json.loads(out.read_text())
+device = metrics["train"]["device"]
+print(f"end to end: LoRA macro-F1 {metrics['lora']['macro_f1']:.4f} (export: {exported['macro_f1']:.4f}), "
+      f"parity reload {metrics['parity']['reload_max_abs_diff']:.1e} merge {metrics['parity']['merge_max_rel_diff']:.1e}, device {device}")
+assert abs(exported["accuracy"] - metrics["lora"]["accuracy"]) < 1e-9, "the export does not reproduce the run's score"
+assert device.startswith("cuda") or not torch.cuda.is_available(), "a GPU is there but the run did not use it"
+print("end to end: OK")
+EOF

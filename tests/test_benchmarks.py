@@ -39,6 +39,24 @@ def test_bench_train_smoke(tmp_path):
     assert f"intentlora / reference: samples_per_s {rows['intentlora']['samples_per_s'] / rows['reference']['samples_per_s']:.2f}x" in result.stdout
 
 
+def test_quickstart_figures_smoke(tmp_path):
+    """The README's figures script: the Markdown it prints is the run's own metrics.json, time and peak RSS."""
+    from intentlora.report import display_name, verdict
+
+    work = tmp_path / "work"
+    command = [sys.executable, str(ROOT / "benchmarks" / "quickstart_figures.py"), "--smoke", "--quiet", "--output", str(work)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    [metrics_file] = (work / "runs").glob("*/metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    figures = json.loads((work / "figures.json").read_text())["quickstart"]
+    assert figures["wall_s"] > 0 and 0 < figures["peak_rss_mb"] < 64 * 1024
+    assert f"peaked at **{figures['peak_rss_mb'] / 1024:.1f} GB** of RAM" in result.stdout
+    for name, m in [*metrics["baselines"].items(), ("lora", metrics["lora"])]:
+        assert f"| {display_name(name)} | {m['macro_f1']:.3f} | {m['accuracy']:.3f} |" in result.stdout
+    assert all(sentence in result.stdout for sentence in verdict(metrics))  # the README's claim is the report's
+
+
 def test_gpu_check_script_smoke(tmp_path):
     """The GPU check's plumbing on CPU: a tiny model, the environment as it is."""
     from intentlora.config import BUNDLED_DATA
@@ -51,3 +69,26 @@ def test_gpu_check_script_smoke(tmp_path):
         assert f"{name}: training {rows[name]['wall_s']:.0f} s" in result.stdout
         assert rows[name]["process_s"] > rows[name]["wall_s"]
     assert "the reference tutorial reports 183 s" in result.stdout
+    assert "end to end: OK" in result.stdout and (tmp_path / "export" / "config.json").is_file()
+
+
+def test_bench_quality_smoke(tmp_path):
+    """The quality suite's plumbing: subsets, one training process per seed, TF-IDF, mean +- std, the table."""
+    import pytest
+
+    out = tmp_path / "quality.json"
+    command = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--smoke", "--datasets", "bank_zh",
+               "--seeds", "1,2", "--json", str(out), "--set", "train.min_steps=3"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert "train.min_steps=3" in report["set"] and "--smoke" in report["command"]
+    [row] = report["rows"]
+    assert row["dataset"] == "bank_zh" and row["seeds"] == [1, 2] and row["labels"] == 3
+    assert [run["steps"] for run in row["runs"]] == [3, 3]
+    for stat in ("lora_macro_f1", "lora_accuracy", "samples_per_s"):
+        values = [run[stat.removeprefix("lora_")] for run in row["runs"]]
+        assert row[stat]["mean"] == pytest.approx(sum(values) / 2)
+    assert 0 <= row["tfidf_macro_f1"] <= 1
+    assert row["lora_minus_tfidf_macro_f1"] == pytest.approx(row["lora_macro_f1"]["mean"] - row["tfidf_macro_f1"])
+    assert "| bank_zh | " in result.stdout and "LoRA − TF-IDF" in result.stdout

@@ -51,7 +51,8 @@ def train_args(model: Path, data: tuple[Path, Path], output: Path, *extra: str) 
     train_file, test_file = data
     return ["train", "--model", str(model), "--train", str(train_file), "--test", str(test_file), "--epochs", "2",
             "--batch-size", "4", "--lr", "5e-3", "--precision", "fp32", "--save-steps", str(SAVE_STEPS),
-            "--output", str(output), "--set", "eval.baselines=[]", *extra]
+            "--output", str(output), "--set", "eval.baselines=[]",
+            "--set", "train.min_steps=0", "--set", "train.early_stopping_patience=null", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -66,22 +67,27 @@ def complete_checkpoints(run: Path) -> list[Path]:
     return [c for c in (run / "checkpoints").glob("checkpoint-*") if is_complete_checkpoint(c)]
 
 
+def kill_after_checkpoint(command: list[str], run: Path, log_file: Path, min_step: int = 1) -> None:
+    """Start `command`, SIGKILL its whole process group once a complete checkpoint at `min_step` or later exists."""
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                   start_new_session=True)
+        deadline = time.monotonic() + 300
+        while (not any(step(c) >= min_step for c in complete_checkpoints(run)) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGKILL)  # no handler, no cleanup, as when a machine is preempted
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, log_file.read_text()
+    assert complete_checkpoints(run) and not (run / "metrics.json").exists()
+
+
 @pytest.fixture(scope="module")
 def killed(tiny_qwen2, data, tmp_path_factory) -> Path:
     """A run whose process got SIGKILL as soon as its first checkpoint was complete."""
     folder = tmp_path_factory.mktemp("killed")
-    run = folder / "run"
-    with open(folder / "log.txt", "wb") as log:
-        command = [sys.executable, "-m", "intentlora.cli", *train_args(tiny_qwen2, data, run)]
-        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 180
-        while not complete_checkpoints(run) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        process.kill()  # SIGKILL: no handler, no cleanup, as when a machine is preempted
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, (folder / "log.txt").read_text()
-    assert complete_checkpoints(run) and not (run / "metrics.json").exists()
-    return run
+    kill_after_checkpoint([sys.executable, "-m", "intentlora.cli", *train_args(tiny_qwen2, data, folder / "run")], folder / "run", folder / "log.txt")
+    return folder / "run"
 
 
 def step(checkpoint: Path) -> int:
@@ -128,6 +134,48 @@ def test_kill_9_then_resume_gives_the_uninterrupted_run(killed, uninterrupted, t
     assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) <= TOLERANCE
     assert metrics["lora"]["accuracy"] == expected["lora"]["accuracy"]
     assert metrics["lora"]["macro_f1"] == pytest.approx(expected["lora"]["macro_f1"], abs=TOLERANCE)
+
+
+STEPS_PER_EPOCH = 23  # 90 training rows (100 less the 10% validation share) in batches of 4
+
+
+# Runs `intentlora` with a callback that SIGKILLs the process right after the
+# first checkpoint at or past a step: a preemption at a known point, however
+# fast the tiny model trains.
+KILL_AFTER_CHECKPOINT = """
+import os, signal, sys
+from transformers import TrainerCallback
+import intentlora.train as recipe
+
+AT_STEP = int(sys.argv[1])
+
+class Preempt(TrainerCallback):
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step >= AT_STEP:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+build = recipe.build_trainer
+recipe.build_trainer = lambda *a, **k: (lambda trainer: trainer.add_callback(Preempt()) or trainer)(build(*a, **k))
+sys.argv = ["intentlora", *sys.argv[2:]]
+from intentlora.cli import app
+app()
+"""
+
+
+def test_kill_9_in_the_second_epoch_with_length_buckets_resumes_exactly(uninterrupted, tiny_qwen2, data, tmp_path):
+    """The bucket sampler's order is a function of (seed, epoch): a resume in epoch 2 replays epoch 2's batches."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-c", KILL_AFTER_CHECKPOINT, str(STEPS_PER_EPOCH + 1), *train_args(tiny_qwen2, data, run)]
+    killed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed_from = max(complete_checkpoints(run), key=step)
+    assert step(resumed_from) > STEPS_PER_EPOCH and not (run / "metrics.json").exists()
+    result = runner.invoke(app, train_args(tiny_qwen2, data, run, "--resume"))
+    assert result.exit_code == 0, result.output
+    assert f"resuming from {resumed_from}" in result.output
+    assert max_difference(history(run), history(uninterrupted)) <= TOLERANCE
+    resumed, reference = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, uninterrupted))
+    assert max((resumed[k] - reference[k]).abs().max().item() for k in reference) <= TOLERANCE
 
 
 def test_an_unfinished_run_is_refused_until_resumed(killed, tiny_qwen2, data):
