@@ -110,8 +110,10 @@ def write_calibration(folder: str | Path, calibration: dict) -> Path:
 
 
 def inference_settings(cfg: Config) -> dict:
-    """How a run turns texts into model inputs; `export` writes it as intentlora.json."""
-    return {"max_length": cfg.data.max_length, "pad_to_max_length": cfg.train.pad_to_max_length}
+    """How a run turns texts into model inputs (inference.batched_logits' keyword arguments); `export` writes it as
+    intentlora.json. The prompt template is part of the model: every entry point wraps each text in it."""
+    return {"max_length": cfg.data.max_length, "pad_to_max_length": cfg.train.pad_to_max_length,
+            "prompt_template": cfg.data.prompt_template}
 
 
 def write_inference_settings(folder: Path, settings: dict) -> None:
@@ -134,7 +136,7 @@ def check_run_dir(run_dir: Path) -> None:
     if (run_dir / CONFIG_FILE).is_file() and not (run_dir / METRICS_FILE).is_file():
         raise IncompleteRunError(
             f"{run_dir}: incomplete run (no metrics.json): training did not finish or crashed, "
-            "so the adapter may be partial or failed its parity check; train again (or --resume)"
+            "so the adapter may be partial or failed its parity check; train again, or resume it"
         )
     for required in (CONFIG_FILE, LABELS_FILE, f"{ADAPTER_DIR}/adapter_config.json"):
         if not (run_dir / required).is_file():
@@ -156,7 +158,7 @@ def running(run_dir: Path):
 
 
 def run_status(run_dir: Path) -> str:
-    """finished (metrics.json), running (its pid is alive), or unfinished (resumable with --resume)."""
+    """finished (metrics.json), running (its pid is alive), or unfinished (resumable)."""
     run_dir = Path(run_dir)
     if (run_dir / METRICS_FILE).is_file():
         return "finished"
@@ -217,7 +219,7 @@ def resume_point(run_dir: Path, cfg: Config, resume: bool, echo=print) -> Path |
     unfinished = not finished and any(checkpoints.glob("checkpoint-*"))
     if not resume:
         if unfinished:
-            raise ResumeError(f"{run_dir} holds an unfinished run (checkpoints but no metrics.json): add --resume to continue it, or choose another --output")
+            raise ResumeError(f"{run_dir} holds an unfinished run (checkpoints but no metrics.json): resume it, or choose another output folder")
         if is_main_process():
             (run_dir / METRICS_FILE).unlink(missing_ok=True)
             remove_checkpoints(run_dir)
@@ -261,7 +263,7 @@ def check_same_config(run_dir: Path, cfg: Config) -> None:
     before, now = flat_config(read_config(run_dir)), flat_config(cfg)
     changed = [f"{key}: {before.get(key)!r} -> {now.get(key)!r}" for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
     if changed:
-        raise ResumeError(f"{run_dir} was started with another config; resume with the same settings, or choose another --output. Changed: {'; '.join(changed)}")
+        raise ResumeError(f"{run_dir} was started with another config; resume with the same settings, or choose another output folder. Changed: {'; '.join(changed)}")
 
 
 # Settings that may change between the start and a resume of one run: where it
