@@ -7,7 +7,10 @@ examples and problems and never raises (a property test holds it to that):
 bytes that are not UTF-8, NUL bytes, lines over 1 MiB, bad JSON or CSV and
 bad fields are errors at their line; a UTF-16 file, a file with no examples
 or a CSV header without the needed columns are one error for the file. A
-UTF-8 BOM and CRLF line ends are accepted.
+UTF-8 BOM and CRLF line ends are accepted. Labels lose surrounding whitespace
+(with a warning naming the rows); labels equal but for case stay apart, with a
+warning. `summarize` renders problems for people: a file of another label set
+is one summary and 20 lines, not thousands.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import io
 import json
 import random
 import unicodedata
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +37,10 @@ class Problem:
     where: str  # FILE or FILE:LINE
     message: str
     severity: str = "error"  # error | warning | dropped
+    # For an unknown label: the row's label and the labels it was checked
+    # against, so `summarize` can count and compare without parsing messages.
+    label: str | None = field(default=None, compare=False, repr=False)
+    expected: tuple[str, ...] | None = field(default=None, compare=False, repr=False)
 
     def __str__(self) -> str:
         prefix = "" if self.severity == "error" else f"{self.severity}: "
@@ -44,6 +51,7 @@ class Problem:
 class LoadResult:
     examples: list[Example] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    source: str = ""  # the FILE (or dataset spec) of the FILE:LINE messages
 
     @property
     def errors(self) -> list[Problem]:
@@ -51,10 +59,16 @@ class LoadResult:
 
 
 class DataError(ValueError):
-    """Raised with every problem found, so the user fixes them in one pass."""
+    """Raised with every problem found, so the user fixes them in one pass.
 
-    def __init__(self, problems: list[Problem]):
+    `problems` is the full list, for programs; `summarize` renders it for
+    people. `found` ({file: {label: rows}}) lets the summary show each file's
+    label set next to the expected one.
+    """
+
+    def __init__(self, problems: list[Problem], found: dict[str, Counter] | None = None):
         self.problems = problems
+        self.found = found or {}
         super().__init__("\n".join(str(p) for p in problems))
 
 
@@ -65,9 +79,15 @@ def load_file(
     text_field: str = "text",
     label_field: str = "label",
 ) -> LoadResult:
-    """Read a .jsonl or .csv file into examples and problems; never raises on content."""
+    """Read a .jsonl or .csv file (or a `datasets` spec, see hubdata) into examples and problems; never raises on content."""
+    from intentlora.hubdata import is_dataset_spec, read_rows
+
+    if is_dataset_spec(str(path)):
+        result = LoadResult(source=str(path))
+        rows, result.problems = read_rows(str(path), text_field, label_field)
+        return _check_rows(str(path), rows, labels, drop_unknown, text_field, label_field, result)
     path = Path(path)
-    result = LoadResult()
+    result = LoadResult(source=str(path))
     if not path.exists():
         result.problems.append(Problem(str(path), "file not found"))
         return result
@@ -87,23 +107,132 @@ def load_file(
         rows = _csv_rows(path, lines, (text_field, label_field), result)
     else:
         rows = _jsonl_rows(path, lines, result)
+    return _check_rows(str(path), rows, labels, drop_unknown, text_field, label_field, result)
+
+
+def _check_rows(source: str, rows: list[tuple[int, object]], labels: list[str] | None, drop_unknown: bool,
+                text_field: str, label_field: str, result: LoadResult) -> LoadResult:
+    """The checks every row gets, from a file's lines or a dataset's rows alike; problems at SOURCE:ROW."""
     known = set(labels) if labels is not None else None
-    for line_no, row in rows:
-        where = f"{path}:{line_no}"
+    padded: dict[str, list[int]] = defaultdict(list)  # raw label with surrounding spaces -> row numbers
+    for row_no, row in rows:
+        where = f"{source}:{row_no}"
         example = _check_row(row, where, text_field, label_field, result)
         if example is None:
             continue
+        if example.label != row[label_field]:
+            padded[row[label_field]].append(row_no)
         if known is not None and example.label not in known:
-            message = f"unknown label {example.label!r} (expected one of: {', '.join(labels)})"
+            message = f"unknown label {example.label!r} (expected one of: {', '.join(labels)}){_case_hint(example.label, labels)}"
             severity = "dropped" if drop_unknown else "error"
-            result.problems.append(Problem(where, message, severity))
+            result.problems.append(Problem(where, message, severity, example.label, tuple(labels)))
             continue
         result.examples.append(example)
     if not result.examples and not result.errors:  # an empty file, or every row dropped: nothing to learn from
         dropped = any(p.severity == "dropped" for p in result.problems)
-        result.problems.append(Problem(str(path), "no examples left: every row has an unknown label" if dropped else "no examples in file"))
+        result.problems.append(Problem(source, "no examples left: every row has an unknown label" if dropped else "no examples in file"))
+    result.problems.extend(whitespace_warnings(source, padded))
+    result.problems.extend(case_warnings(source, result.examples))
     result.problems.extend(duplicate_warnings(result.examples))
     return result
+
+
+ROWS_NAMED = 5  # rows a file-wide warning names before "..."
+
+
+def _rows(row_numbers: list[int]) -> str:
+    shown = ", ".join(str(n) for n in row_numbers[:ROWS_NAMED])
+    return shown + (f", ... ({len(row_numbers):,} in all)" if len(row_numbers) > ROWS_NAMED else "")
+
+
+def whitespace_warnings(source: str, padded: dict[str, list[int]]) -> list[Problem]:
+    """One warning per padded spelling: ' refund' and 'refund' are one label, but the user should know the file has both."""
+    return [
+        Problem(source, f"label {raw!r} has surrounding whitespace on {len(rows):,} row(s) (line(s) {_rows(rows)}): "
+                        f"read as {raw.strip()!r}", "warning")
+        for raw, rows in padded.items()
+    ]
+
+
+def case_warnings(source: str, examples: list[Example]) -> list[Problem]:
+    """Labels equal but for case stay different classes (a user may mean both), but never silently."""
+    counts = Counter(ex.label for ex in examples)
+    by_folded: dict[str, list[str]] = defaultdict(list)
+    for label in counts:
+        by_folded[label.casefold()].append(label)
+    return [
+        Problem(source, "labels differ only in case: " + " and ".join(f"{label!r} ({counts[label]:,} row(s))" for label in spellings)
+                + "; they are treated as different labels: use one spelling if they mean one intent", "warning")
+        for spellings in by_folded.values()
+        if len(spellings) > 1
+    ]
+
+
+def _case_hint(label: str, labels: list[str]) -> str:
+    same = [known for known in labels if known.casefold() == label.casefold()]
+    return f"; {same[0]!r} differs only in case" if same else ""
+
+
+SHOWN_LINES = 20  # problem lines a person is shown before "... and N more"
+
+
+def label_counts(result: LoadResult) -> Counter:
+    """Rows per label in a loaded file, rows with unknown (or dropped) labels included."""
+    return Counter([ex.label for ex in result.examples] + [p.label for p in result.problems if p.label is not None])
+
+
+def summarize(problems: list[Problem], expected_name: str = "the expected labels",
+              found: dict[str, Counter] | None = None, limit: int | None = SHOWN_LINES, more: str = "") -> str:
+    """The problems for people: per file with unknown labels, the two label sets and the rows per
+    unknown label; then every whole-file problem and the first `limit` row problems (None: all),
+    in order, and how many more rows there are (`more`: how to see them).
+
+    Thousands of rows of another label set are one fact, not thousands; the
+    full list stays in DataError.problems for programs.
+    """
+    found = found or {}
+    lines = []
+    unknown: dict[str, list[Problem]] = defaultdict(list)
+    for p in problems:
+        if p.label is not None:
+            unknown[source_of(p.where)].append(p)
+    for source, rows in unknown.items():
+        expected, counts = rows[0].expected or (), Counter(p.label for p in rows)
+        verb = "dropped for" if rows[0].severity == "dropped" else "with"
+        lines.append(f"{source}: {len(rows):,} row(s) {verb} a label outside {expected_name}")
+        lines.append(f"  {expected_name} ({len(expected)}): {_names(expected)}")
+        if source in found:
+            lines.append(f"  labels in {source} ({len(found[source])}): {_names(sorted(found[source]))}")
+        lines.append("  rows per unknown label: " + ", ".join(f"{label!r} {n:,}" for label, n in counts.most_common()))
+    row_level = 0
+    for p in problems:
+        if source_of(p.where) != p.where:
+            row_level += 1
+            if limit is not None and row_level > limit:
+                continue
+        lines.append(_person_line(p))
+    if limit is not None and row_level > limit:
+        lines.append(f"... and {row_level - limit:,} more{more}")
+    return "\n".join(lines)
+
+
+def source_of(where: str) -> str:
+    """FILE of FILE:LINE (and FILE of FILE)."""
+    source, sep, tail = where.rpartition(":")
+    return source if sep and tail.isdigit() else where
+
+
+def _names(labels, limit: int = 50) -> str:
+    labels = list(labels)
+    return ", ".join(labels[:limit]) + (f", ... ({len(labels)} in all)" if len(labels) > limit else "")
+
+
+def _person_line(p: Problem) -> str:
+    """An unknown-label line without the expected list (the summary shows it once)."""
+    if p.label is None:
+        return str(p)
+    prefix = "" if p.severity == "error" else f"{p.severity}: "
+    return f"{p.where}: {prefix}unknown label {p.label!r}{_case_hint(p.label, p.expected or ())}"
 
 
 BOM = b"\xef\xbb\xbf"  # harmless at the start of a file; Excel and Notepad write it
@@ -203,9 +332,10 @@ def _csv_values(line: str, where: str, problems: list[Problem]) -> list[str] | N
 
 
 def _check_row(row: object, where: str, text_field: str, label_field: str, result: LoadResult) -> Example | None:
+    """The row as an Example (its label stripped of surrounding whitespace), or None with its problems listed."""
     if not check_fields(row, where, (text_field, label_field), result.problems):
         return None
-    return Example(text=row[text_field], label=row[label_field], source=where)
+    return Example(text=row[text_field], label=row[label_field].strip(), source=where)
 
 
 def check_fields(row: object, where: str, fields: tuple[str, ...], problems: list[Problem]) -> bool:
@@ -308,7 +438,7 @@ def load_splits(
         problems.append(Problem(str(train), f"need at least 2 labels to classify, found {labels}"))
     errors = [p for p in problems if p.severity == "error"]
     if errors:
-        raise DataError(errors)
+        raise DataError(errors, {r.source: label_counts(r) for r in (train_result, *others.values())})
     train_examples = subsample(train_result.examples, max_train_samples, seed)
     test_examples = subsample(others["test"].examples, max_test_samples, seed)
     if "valid" in others:

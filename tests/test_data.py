@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from intentlora.config import BUNDLED_DATA
-from intentlora.data import BOM, DataError, load_file, load_splits, normalize, stratified_split
+from intentlora.data import BOM, DataError, Problem, label_counts, load_file, load_splits, normalize, stratified_split, summarize
 from tests.bad_inputs import CASES, LABELS, materialize
 from tests.conftest import write_jsonl
 
@@ -237,3 +237,75 @@ def test_any_bytes_give_clean_examples_or_reported_problems(tmp_path, suffix, da
     result = load_file(path, labels, drop_unknown=drop_unknown)
     check_examples_are_clean(result)
     check_nothing_is_silently_dropped(path, content, result, csv_format)
+
+
+def test_another_label_set_is_summarized_not_listed_row_by_row(tmp_path):
+    """3,080 rows of other labels: both label sets, rows per unknown label, the first 20 lines, "... and 3,060 more"."""
+    other = ["weather", "music", "Refund"]
+    path = write_jsonl(tmp_path / "other.jsonl", [{"text": f"t{i}", "label": other[i % 3]} for i in range(3080)] + [{"text": "ok", "label": "refund"}])
+    result = load_file(path, LABELS)
+    assert len(result.errors) == 3080  # programs still get every row
+    text = summarize(result.errors, "the model's labels", {result.source: label_counts(result)})
+    lines = text.splitlines()
+    counts = {label: sum(1 for i in range(3080) if other[i % 3] == label) for label in other}
+    assert lines[:4] == [
+        f"{path}: 3,080 row(s) with a label outside the model's labels",
+        f"  the model's labels ({len(LABELS)}): {', '.join(LABELS)}",
+        f"  labels in {path} (4): Refund, music, refund, weather",
+        "  rows per unknown label: " + ", ".join(f"{label!r} {n:,}" for label, n in sorted(counts.items(), key=lambda kv: -kv[1])),
+    ]
+    row_lines = lines[4:-1]
+    assert len(row_lines) == 20 and lines[-1] == "... and 3,060 more"
+    assert row_lines[0] == f"{path}:1: unknown label 'weather'"  # the expected set is shown once, above
+    assert row_lines[2] == f"{path}:3: unknown label 'Refund'; 'refund' differs only in case"
+    everything = summarize(result.errors, limit=None).splitlines()  # no `found`: no line for the file's own labels
+    assert len(everything) == 3 + 3080 and not any(line.startswith("  labels in") for line in everything)
+
+
+def test_summary_shows_whole_file_problems_and_plain_lines(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join('{"text": "x"\n' for _ in range(25)), encoding="utf-8")
+    problems = load_file(bad).problems + [Problem(str(tmp_path / "b.jsonl"), "file not found")]
+    lines = summarize(problems).splitlines()
+    assert lines[:20] == [str(p) for p in problems[:20]] and lines[0] == f"{bad}:1: invalid JSON: Expecting ',' delimiter (column 13)"
+    assert lines[20:] == [f"{tmp_path / 'b.jsonl'}: file not found", "... and 5 more"]  # a whole-file problem is never cut
+
+
+def test_load_splits_error_carries_each_files_labels(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(10)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"text": "x", "label": "c"}, {"text": "y", "label": "c"}, {"text": "z", "label": "a"}])
+    with pytest.raises(DataError) as err:
+        load_splits(str(train), str(test))
+    assert err.value.found == {str(train): {"a": 5, "b": 5}, str(test): {"c": 2, "a": 1}}
+    text = summarize(err.value.problems, "the training file's labels", err.value.found)
+    assert f"{test}: 2 row(s) with a label outside the training file's labels" in text
+    assert "  rows per unknown label: 'c' 2" in text
+
+
+def test_labels_with_surrounding_whitespace_are_stripped_with_a_warning(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": label} for i, label in enumerate(["refund", " refund", "refund\t", "balance", " refund"])])
+    result = load_file(path, LABELS)
+    assert [ex.label for ex in result.examples] == ["refund", "refund", "refund", "balance", "refund"]
+    assert result.errors == []
+    assert [str(p) for p in result.problems] == [
+        f"{path}: warning: label ' refund' has surrounding whitespace on 2 row(s) (line(s) 2, 5): read as 'refund'",
+        f"{path}: warning: label 'refund\\t' has surrounding whitespace on 1 row(s) (line(s) 3): read as 'refund'",
+    ]
+
+
+def test_labels_equal_but_for_case_are_reported_not_merged(tmp_path):
+    rows = [("Refund", 2), ("refund", 3), ("REFUND", 1), ("balance", 2)]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"text {j}", "label": label} for j, label in enumerate(label for label, n in rows for _ in range(n))])
+    result = load_file(path)
+    assert sorted({ex.label for ex in result.examples}) == ["REFUND", "Refund", "balance", "refund"]  # still three classes
+    [warning] = result.problems
+    assert warning.severity == "warning" and warning.where == str(path)
+    assert warning.message.startswith("labels differ only in case: 'Refund' (2 row(s)) and 'refund' (3 row(s)) and 'REFUND' (1 row(s))")
+    unknown = load_file(path, ["refund", "balance"])
+    assert "unknown label 'Refund' (expected one of: refund, balance); 'refund' differs only in case" in messages(unknown)[0]
+
+
+def test_many_padded_rows_are_named_then_counted(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": f"t{i}", "label": "a "} for i in range(8)] + [{"text": "u", "label": "b"}])
+    [warning] = load_file(path).problems
+    assert warning.message == "label 'a ' has surrounding whitespace on 8 row(s) (line(s) 1, 2, 3, 4, 5, ... (8 in all)): read as 'a'"
