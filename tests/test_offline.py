@@ -51,3 +51,28 @@ def test_user_gguf_files_are_cached_by_content(tmp_path, monkeypatch):
     b.write_bytes(b"two")
     assert resolve_gguf_file(a) != resolve_gguf_file(b)
     assert resolve_gguf_file(a) == seen[0] and seen[0].parent == tmp_path / "cache" / "gguf"
+
+
+def test_a_cached_model_loads_in_bf16_from_a_bf16_copy_with_the_same_weights(tiny_qwen2, tmp_path, monkeypatch):
+    """The copy saves memory, not precision: its weights equal a bf16 load of the fp32 folder; user folders are left alone."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from intentlora.offline import cached_in_dtype
+
+    monkeypatch.setenv("INTENTLORA_CACHE", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "models" / "tiny"
+    shutil.copytree(tiny_qwen2, cached)
+    assert cached_in_dtype(str(cached), torch.float32) == str(cached)
+    assert cached_in_dtype(str(tiny_qwen2), torch.bfloat16) == str(tiny_qwen2)  # not ours to copy
+    copy = cached_in_dtype(str(cached), torch.bfloat16)
+    assert copy == str(cached) + ".bf16" and cached_in_dtype(str(cached), torch.bfloat16) == copy  # made once
+    from_copy = AutoModelForCausalLM.from_pretrained(copy, dtype=torch.bfloat16).state_dict()
+    cast = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.bfloat16).state_dict()
+    assert from_copy.keys() == cast.keys() and all(torch.equal(from_copy[k], cast[k]) for k in cast)
+    from safetensors import safe_open
+
+    with safe_open(f"{copy}/model.safetensors", "pt") as f:
+        assert all(f.get_slice(k).get_dtype() == "BF16" for k in f.keys())
