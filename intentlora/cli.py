@@ -71,6 +71,7 @@ def _labels(value: str | None) -> list[str] | None:
 
 DEFAULTS = Config()  # what a flag left out means (configs/quickstart.yaml spells it out)
 DATA, MODEL, LORA, TRAINING, OUTPUT = "Data", "Model", "LoRA", "Training", "Output"
+RECIPE = "Few-example recipe (docs/QUALITY.md)"
 
 
 def _flag(help: str, panel: str, default=None, *names: str, switch: bool = False):
@@ -112,6 +113,15 @@ def train(
     save_steps: Annotated[Optional[int], _flag("Checkpoint (and evaluate) every N steps.", TRAINING, "every epoch")] = None,
     gradient_checkpointing: Annotated[bool, _flag("Less activation memory, ~30% slower steps.", TRAINING, "off", "--gradient-checkpointing", switch=True)] = False,
     report_to: Annotated[Optional[str], _flag("Experiment tracking: none, tensorboard, mlflow, trackio, wandb (comma list).", TRAINING, "none", "--report-to")] = None,
+    min_steps: Annotated[Optional[int], _flag("At least this many optimizer steps, however few epochs that is.", RECIPE, DEFAULTS.train.min_steps, "--min-steps")] = None,
+    max_steps: Annotated[Optional[int], _flag("At most this many optimizer steps.", RECIPE, "no cap", "--max-steps")] = None,
+    early_stopping_patience: Annotated[Optional[int], _flag("Stop after N evaluations without a better validation macro-F1 (0: never).", RECIPE, DEFAULTS.train.early_stopping_patience, "--early-stopping-patience")] = None,
+    head_lr: Annotated[Optional[float], _flag("Learning rate of the new head.", RECIPE, "--lr", "--head-lr")] = None,
+    loraplus_lr_ratio: Annotated[Optional[float], _flag("LoRA+: the B matrices learn at lr x this.", RECIPE, "off", "--loraplus-lr-ratio")] = None,
+    head_init: Annotated[Optional[str], _flag("random | zero | label_words: how the new head starts.", RECIPE, DEFAULTS.lora.head_init, "--head-init")] = None,
+    prompt_template: Annotated[Optional[str], _flag("Prompt around each text, with {text}, e.g. 'Message: {text}\\nIntent:' (saved with the model).", RECIPE, "none", "--prompt-template")] = None,
+    linear_probe_steps: Annotated[Optional[int], _flag("Train the head alone for the first N steps (LP-FT).", RECIPE, DEFAULTS.train.linear_probe_steps, "--linear-probe-steps")] = None,
+    class_weights: Annotated[Optional[str], _flag("none | balanced: weight the loss against label imbalance.", RECIPE, DEFAULTS.train.class_weights, "--class-weights")] = None,
     resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume", switch=True)] = False,
     output: Annotated[Optional[str], _flag("Run directory.", OUTPUT, "runs/<timestamp>", "--output", "-o")] = None,
     keep_checkpoints: Annotated[bool, _flag("Keep checkpoints/ after a successful run (resume needs them only while unfinished).", OUTPUT, "off", "--keep-checkpoints", switch=True)] = False,
@@ -137,6 +147,11 @@ def train(
         "train.precision": precision, "train.device": device, "train.seed": seed, "train.save_steps": save_steps,
         "train.gradient_checkpointing": on(gradient_checkpointing), "train.report_to": _labels(report_to),
         "output.dir": output, "output.keep_checkpoints": on(keep_checkpoints),
+        "train.min_steps": min_steps, "train.max_steps": max_steps, "train.head_lr": head_lr,
+        "train.early_stopping_patience": None if early_stopping_patience is None else (early_stopping_patience or "none"),
+        "train.loraplus_lr_ratio": loraplus_lr_ratio, "lora.head_init": head_init,
+        "data.prompt_template": prompt_template.replace("\\n", "\n") if prompt_template else None,
+        "train.linear_probe_steps": linear_probe_steps, "train.class_weights": class_weights,
     }
     try:
         for assignment in set_ or []:
@@ -155,11 +170,14 @@ def train(
     from intentlora.console import Reporter
     from intentlora.data import DataError
     from intentlora.offline import OfflineModelError
+    from intentlora.rundir import ResumeError
     from intentlora.train import ParityError, train as run_training
 
     reporter = Reporter(write=lambda line: console.print(line, highlight=False, markup=False), fmt=log_format, quiet=quiet)
     try:
         result = run_training(cfg, echo=reporter, resume=resume)
+    except ResumeError as e:
+        _fail(f"{e} (--resume continues an unfinished run; --output names another folder)")
     except DataError as e:
         _fail_data(e, "--labels" if cfg.data.labels else "the training file's labels")
     except ParityError as e:
@@ -256,13 +274,22 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `train`.")],
     out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
     allow_pickle: AllowPickle = False,
+    format: Annotated[str, typer.Option("--format", help="torch: a transformers folder; onnx: an ONNX Runtime folder for CPUs (pip install 'intentlora[onnx]').")] = "torch",
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="With --format onnx: int8 (dynamic int8 weights, about 2x faster on CPUs).")] = None,
 ) -> None:
     """Merge the adapter into its base: a plain transformers model folder (labels and calibration included)."""
+    if format not in ("torch", "onnx"):
+        _fail(f"--format must be torch or onnx, got {format!r}", EXIT_USAGE)
+    if quantize is not None and (format != "onnx" or quantize != "int8"):
+        _fail("--quantize takes int8, with --format onnx", EXIT_USAGE)
     _quiet_libraries()
     from intentlora.models import merge_run
+    from intentlora.onnx_export import export_onnx
 
     try:
-        path = merge_run(run_dir, out_dir, allow_pickle)
+        path = export_onnx(run_dir, out_dir, quantize, allow_pickle) if format == "onnx" else merge_run(run_dir, out_dir, allow_pickle)
+    except ImportError as e:
+        _fail(str(e))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     console.print(f"merged model written to [bold]{path}[/bold]")
@@ -401,8 +428,11 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 opens the service to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="INTENTLORA_API_KEY", help="Require this key on /v1/* (Authorization: Bearer KEY or X-API-Key: KEY).")] = None,
-    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts per micro-batch: concurrent requests are combined up to this.")] = 32,
-    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a micro-batch waits for more requests.")] = 5,
+    max_batch_size: Annotated[int, typer.Option(min=1, help="Texts per micro-batch: waiting requests are combined up to this, then run sorted by length.")] = 64,
+    batch_size: Annotated[int, typer.Option(min=1, help="Texts per forward pass within a micro-batch.")] = 16,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="How long a micro-batch waits for more requests when few are queued.")] = 2,
+    max_queue: Annotated[int, typer.Option(min=1, help="Texts waiting at most; past it requests get 503 with Retry-After.")] = 256,
+    timeout: Annotated[float, typer.Option(min=0.001, help="Seconds a request may wait for its answer; then 503 with Retry-After.")] = 30,
     max_texts: Annotated[int, typer.Option(min=1, help="Texts per request; more get 413.")] = 64,
     max_chars: Annotated[int, typer.Option(min=1, help="Characters per text; longer get 413.")] = 2000,
     threshold: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Below this score the fallback label is given (default: calibration.json).")] = None,
@@ -419,7 +449,7 @@ def serve(
 
     try:
         classifier = IntentClassifier.from_pretrained(
-            model, adapters=adapters, batch_size=max_batch_size, device=device, threshold=threshold,
+            model, adapters=adapters, batch_size=batch_size, device=device, threshold=threshold,
             fallback_label=fallback_label, dtype=precision, allow_pickle=allow_pickle,
         )
     except (OSError, ValueError) as e:
@@ -427,8 +457,8 @@ def serve(
     if api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         err.print(f"[yellow]warning:[/yellow] serving on {host} without --api-key: anyone who reaches it can use it")
     console.print(f"serving {', '.join(classifier.models)} on http://{host}:{port} (API docs: /docs)", highlight=False)
-    run(classifier, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size,
-        max_wait_ms=max_wait_ms, max_texts=max_texts, max_chars=max_chars)
+    run(classifier, host=host, port=port, api_key=api_key, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        max_queue=max_queue, timeout_s=timeout, max_texts=max_texts, max_chars=max_chars)
 
 
 @app.command()

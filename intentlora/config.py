@@ -38,6 +38,11 @@ class DataConfig:
     max_train_samples: int | None = None
     max_test_samples: int | None = None
     max_length: int = 128  # truncation limit in tokens; batches pad to their longest
+    # LM-BFF style prompt around each text, e.g. "Message: {text}\nIntent:": it ends
+    # where the model would answer, so the head reads the position that predicts
+    # the intent. Part of the model: saved with the run and the export, applied by
+    # every entry point; truncation cuts the text, never the template. None: the bare text.
+    prompt_template: str | None = None
 
 
 @dataclass
@@ -61,12 +66,28 @@ class LoraConfig:
     # measured best); None: the reference's attention query/value, named per
     # architecture (q_proj/v_proj, query/value, ...); or an explicit list.
     target_modules: list[str] | None = field(default_factory=lambda: ["all-linear"])
+    # The new classification head's start: random (transformers' init), zero
+    # (step 0 costs exactly ln(labels)), or label_words (each row the model's
+    # output embedding of its label's words: the name, or eval.label_descriptions;
+    # scaled so that step 0 costs at most ln(labels)).
+    head_init: str = "zero"
 
 
 @dataclass
 class TrainConfig:
     epochs: float = 3.0
+    # The schedule in optimizer steps: at least min_steps (tiny sets get enough
+    # updates, however few epochs that takes), at most max_steps (None: no cap).
+    min_steps: int = 100
+    max_steps: int | None = None
+    # Stop when validation macro-F1 has not improved for this many evaluations (None: never).
+    early_stopping_patience: int | None = 3
     lr: float = 2e-4
+    head_lr: float | None = None  # the new head's learning rate; None: lr
+    loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn at lr x this (None: at lr)
+    # LP-FT: the first N optimizer steps train the head alone (LoRA frozen), then both.
+    linear_probe_steps: int = 0
+    class_weights: str = "none"  # none | balanced (loss weights n / (labels x count), for imbalanced label sets)
     batch_size: int = 16
     eval_batch_size: int = 16  # on CPU, 16-32 beat 64+ (activations stay in cache); see docs/BENCHMARKS.md
     grad_accum: int = 1

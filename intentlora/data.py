@@ -84,7 +84,8 @@ def load_file(
 
     if is_dataset_spec(str(path)):
         result = LoadResult(source=str(path))
-        rows, result.problems = read_rows(str(path), text_field, label_field)
+        rows, problems = read_rows(str(path), text_field, label_field)
+        result.problems = [Problem(p.where, p.message) for p in problems]
         return _check_rows(str(path), rows, labels, drop_unknown, text_field, label_field, result)
     path = Path(path)
     result = LoadResult(source=str(path))

@@ -8,6 +8,8 @@ dataset or split, a missing field) is one problem that names what it has.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from pathlib import Path
 
 HUB_PREFIX = "hf:"
@@ -58,10 +60,11 @@ def read_rows(spec: str, text_field: str, label_field: str) -> tuple[list[tuple[
     return rows, []
 
 
-def Problem(where: str, message: str):  # noqa: N802 - intentlora.data.Problem, imported late: data imports this module
-    from intentlora.data import Problem as DataProblem
+class Problem(NamedTuple):
+    """A whole-source problem; intentlora.data turns it into its own Problem (data imports this module, not the reverse)."""
 
-    return DataProblem(where, message)
+    where: str
+    message: str
 
 
 def load(source: str):

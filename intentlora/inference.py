@@ -18,6 +18,8 @@ import torch
 # reports is the score of what users load.
 DEFAULT_PRECISION = "fp32"
 DEFAULT_BATCH_SIZE = 16  # on CPU, 16-32 beat 64+ (activations stay in cache); see docs/BENCHMARKS.md
+# Padded tokens per forward pass: past this a CPU forward costs in proportion, and activations leave the cache.
+DEFAULT_MAX_TOKENS = 512
 
 
 def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
@@ -72,27 +74,34 @@ def batched_logits(
     pad_to_max_length: bool = False,
     progress=None,
     prompt_template: str | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
     """fp32 logits of shape (len(texts), num_labels) on the CPU, in the order of `texts`.
 
-    Texts run sorted by length, so a batch pads to its own longest text;
-    `pad_to_max_length` pads all to `max_length` (only to reproduce the reference).
-    `prompt_template` ("...{text}...") wraps each text as the run trained on it.
-    `progress(n)` is called after each batch with its number of texts.
+    Texts are tokenized in one call and run sorted by length, so a batch pads
+    to its own longest text; a batch holds at most `batch_size` texts and
+    `max_tokens` padded tokens (`length_batches`). Decoder classifiers that
+    read the last token (Qwen2, Llama, ...) skip padding altogether: the
+    batch's texts run packed in one sequence (`packed_logits`). `pad_to_max_length` pads
+    all to `max_length` (only to reproduce the reference). `prompt_template`
+    ("...{text}...") wraps each text as the run trained on it. `progress(n)`
+    is called after each batch with its number of texts.
     """
     model.eval()
     if not texts:
         return torch.empty(0, model.config.num_labels)
     device = model_device(model)
     encoded = encode(tokenizer, texts, max_length, prompt_template)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i]))
     out = None  # sized by the first batch: with several adapters the active head knows the label count, not model.config
     padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
+    packed = not pad_to_max_length and can_pack(model)
     with autocast_for(model):
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(device)
-            logits = model(**batch).logits.float().cpu()
+        for rows in length_batches([len(ids) for ids in encoded], batch_size, None if pad_to_max_length else max_tokens):
+            if packed:
+                logits = packed_logits(model, [encoded[i] for i in rows], device).float().cpu()
+            else:
+                batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(device)
+                logits = model(**batch).logits.float().cpu()
             if out is None:
                 out = torch.empty(len(texts), logits.shape[-1])
             out[rows] = logits
@@ -101,14 +110,110 @@ def batched_logits(
     return out
 
 
+def classifier_of(model):
+    """The transformers classifier inside a PEFT wrapper (LoRA layers injected in place), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def can_pack(model) -> bool:
+    """Decoder classifiers that score the last real token (transformers' generic head) run packed,
+    with an attention that takes a custom mask (SDPA, eager; not flash-attention's varlen kernels)."""
+    from transformers.modeling_layers import GenericForSequenceClassification
+
+    classifier = classifier_of(model)
+    return isinstance(classifier, GenericForSequenceClassification) and classifier.config._attn_implementation in ("sdpa", "eager")
+
+
+@torch.inference_mode()
+def packed_logits(model, batch: list[list[int]], device) -> torch.Tensor:
+    """Logits of several texts run as one sequence with no padding: (texts, labels).
+
+    Each text attends only to itself (a block-diagonal causal mask) and its
+    positions start at 0, so each gets what it would get alone, and the
+    forward costs the batch's real tokens, not texts x its longest text: the
+    difference matters most for a server's micro-batch, whose texts have
+    whatever lengths the clients sent. The head reads each text's last token
+    that is not the pad token, as transformers' padded forward does.
+    """
+    classifier = classifier_of(model)
+    lengths = torch.tensor([len(ids) for ids in batch])
+    ids = torch.tensor([[token for ids in batch for token in ids]])
+    positions = torch.cat([torch.arange(n) for n in lengths.tolist()]).unsqueeze(0)
+    text_of = torch.repeat_interleave(torch.arange(len(batch)), lengths)
+    mask = (text_of[:, None] == text_of[None, :]) & torch.ones(len(text_of), len(text_of), dtype=torch.bool).tril()
+    hidden = getattr(classifier, classifier.base_model_prefix)(
+        input_ids=ids.to(device), position_ids=positions.to(device), attention_mask=attention_mask_for(model, mask[None, None]).to(device),
+        use_cache=False,
+    ).last_hidden_state[0]
+    pad = classifier.config.get_text_config().pad_token_id
+    starts = lengths.cumsum(0) - lengths
+    last = [start + max((k for k, token in enumerate(ids) if token != pad), default=0) for start, ids in zip(starts.tolist(), batch)]
+    return classifier.score(hidden[torch.tensor(last, device=hidden.device)])
+
+
+def attention_mask_for(model, mask: torch.Tensor) -> torch.Tensor:
+    """A boolean (batch, 1, query, key) mask as the model's attention takes it: SDPA as is, eager as additive scores."""
+    if classifier_of(model).config._attn_implementation == "sdpa":
+        return mask
+    dtype = next(model.parameters()).dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
+def length_batches(lengths: list[int], batch_size: int, max_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped for forward passes: sorted by length, at most `batch_size` texts and `max_tokens` padded tokens each.
+
+    Sorting makes each batch pad only to texts of nearly its own length; the
+    token bound keeps a batch of long texts from costing what many short ones
+    would (a CPU forward costs about its padded token count), and a single text
+    longer than the bound still runs, alone.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches, rows = [], []
+    for i in order:
+        if rows and (len(rows) == batch_size or (max_tokens and (len(rows) + 1) * lengths[i] > max_tokens)):
+            batches.append(rows)
+            rows = []
+        rows.append(i)
+    if rows:
+        batches.append(rows)
+    return batches
+
+
 def apply_template(texts, prompt_template: str | None) -> list[str]:
     """The text as the model sees it: wrapped in the run's prompt template, if it has one."""
     return [prompt_template.replace("{text}", text) for text in texts] if prompt_template else list(texts)
 
 
 def encode(tokenizer, texts, max_length: int, prompt_template: str | None = None) -> list[list[int]]:
-    """Token ids, truncated to `max_length`: the one tokenization training, evaluation and serving share."""
-    return tokenizer(apply_template(texts, prompt_template), truncation=True, max_length=max_length)["input_ids"]
+    """Token ids, truncated to `max_length`: the one tokenization training, evaluation and serving share.
+
+    With a template, a text that does not fit is cut (by whole tokens of the
+    text alone) until the templated string fits, so the template's end, where
+    the model answers, is never cut. What fits is tokenized as one string: the
+    ids are those of `apply_template(texts)`, what a client of the export sends.
+    """
+    if not prompt_template:
+        return tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    ids = tokenizer(apply_template(texts, prompt_template))["input_ids"]
+    for i, text in enumerate(texts):
+        if len(ids[i]) > max_length:
+            ids[i] = fit_text(tokenizer, text, prompt_template, max_length)
+    return ids
+
+
+def fit_text(tokenizer, text: str, prompt_template: str, max_length: int) -> list[int]:
+    """The ids of the template around the longest start of `text` that fits in `max_length` tokens."""
+    pieces = tokenizer(text, add_special_tokens=False)["input_ids"]
+    keep = len(pieces)
+    while True:
+        ids = tokenizer(prompt_template.replace("{text}", tokenizer.decode(pieces[:keep])))["input_ids"]
+        over = len(ids) - max_length
+        if over <= 0:
+            return ids
+        if keep == 0:
+            raise ValueError(f"data.prompt_template alone is {over + max_length} tokens, more than data.max_length={max_length}: "
+                             "shorten the template or raise max_length")
+        keep = max(keep - over, 0)
 
 
 def count_truncated(tokenizer, texts: list[str], max_length: int) -> int:

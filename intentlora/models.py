@@ -22,9 +22,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from intentlora.config import LoraConfig, ModelConfig
 from intentlora.files import staged_dir
-from intentlora.inference import resolve_device
+from intentlora.inference import autocast_for, resolve_device
 from intentlora.offline import PREFIX as PYPI_PREFIX
-from intentlora.offline import resolve_gguf_file, resolve_offline
+from intentlora.offline import cached_in_dtype, resolve_gguf_file, resolve_offline
 from intentlora.rundir import (
     ADAPTER_DIR,
     CALIBRATION_FILE,
@@ -32,6 +32,7 @@ from intentlora.rundir import (
     inference_settings,
     read_config,
     read_labels,
+    read_metrics,
     write_inference_settings,
     write_labels,
 )
@@ -166,6 +167,7 @@ def load_pretrained(auto_class, path: str, dtype: torch.dtype, options: ModelCon
     """The one place model weights are read: safetensors only unless allowed, remote code only when asked,
     4-bit only on CUDA, and on `device` ("auto": the GPU when there is one)."""
     options = options or ModelConfig()
+    path = cached_in_dtype(path, dtype)  # a cached fp32 model loads as bf16 from its bf16 copy: a third of the memory
     model = auto_class.from_pretrained(
         path, dtype=dtype, trust_remote_code=options.trust_remote_code, revision=options.revision,
         **weights_format(path, options.allow_pickle), **quantization(options.load_in_4bit), **extra,
@@ -183,6 +185,97 @@ def keep_head_fp32(model: PreTrainedModel) -> PreTrainedModel:
             if isinstance(getattr(model, name, None), torch.nn.Module):
                 getattr(model, name).float()
     return model
+
+
+def head_layer(model: PreTrainedModel) -> torch.nn.Linear:
+    """The output layer of the classification head (`score` on decoders, `classifier` on encoders)."""
+    for name in HEAD_NAMES:
+        if isinstance(getattr(model, name, None), torch.nn.Module):
+            return output_layer(getattr(model, name))
+    raise ValueError(f"{type(model).__name__}: no classification head named {' or '.join(HEAD_NAMES)}")
+
+
+def label_words(labels: list[str], descriptions: dict[str, str] | None = None) -> list[str]:
+    """Each label's words: its description when given, else its name with _ and - as spaces (card_lost -> card lost)."""
+    descriptions = descriptions or {}
+    return [descriptions.get(label) or label.replace("_", " ").replace("-", " ").strip() for label in labels]
+
+
+def output_embeddings(model: PreTrainedModel, model_path: str, revision: str | None = None) -> torch.Tensor:
+    """The language-model head's weights (vocab x hidden), which a ...ForSequenceClassification model does not load.
+
+    Tied models (Qwen2.5 0.5B-3B, ...) share them with the input embeddings;
+    otherwise `lm_head.weight` is read from the checkpoint's safetensors."""
+    if getattr(model.config, "tie_word_embeddings", False):
+        return model.get_input_embeddings().weight.detach()
+    from safetensors import safe_open
+
+    folder = Path(model_path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(model_path, revision=revision, allow_patterns=["*.safetensors", "*.json"]))
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            if "lm_head.weight" in weights.keys():
+                return weights.get_tensor("lm_head.weight")
+    raise ValueError(f"{model_path}: no lm_head.weight in its safetensors, so lora.head_init=label_words has no output "
+                     "embeddings to start from (encoder models have none); use head_init zero")
+
+
+def label_word_rows(model: PreTrainedModel, tokenizer, words: list[str], model_path: str, revision: str | None = None) -> torch.Tensor:
+    """One row per label: the mean output embedding of its words' tokens, as the model would write them next (" word")."""
+    embeddings = output_embeddings(model, model_path, revision).float()
+    rows = []
+    for text in words:
+        ids = tokenizer(" " + text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError(f"label words {text!r} tokenize to nothing")
+        rows.append(embeddings[ids].mean(0))
+    return torch.stack(rows)
+
+
+def init_head(model: PreTrainedModel, mode: str, *, tokenizer=None, words: list[str] | None = None, model_path: str | None = None,
+              revision: str | None = None, probe: tuple[list[list[int]], list[int]] | None = None) -> float:
+    """Start the new head as `mode` says; returns the label-words scale (1.0 otherwise).
+
+    random: transformers' init. On Qwen's large-norm last hidden state its
+    logits are large, so step 0 costs far more than ln(labels).
+    zero: every logit 0, step 0 costs exactly ln(labels).
+    label_words: row i = s x the output embedding of label i's words, so the
+    head scores each label as the LM would score its words as the next token
+    (a zero-shot start, LM-BFF style). s is the temperature that minimises the
+    cross-entropy on `probe` (token ids, label ids): s = 0 is the zero head, so
+    step 0 costs at most ln(labels).
+    """
+    layer = head_layer(model)
+    if mode == "random":
+        return 1.0
+    with torch.no_grad():
+        if layer.bias is not None:
+            layer.bias.zero_()
+        if mode == "zero":
+            layer.weight.zero_()
+            return 1.0
+        if mode != "label_words":
+            raise ValueError(f"lora.head_init must be random, zero or label_words, got {mode!r}")
+        rows = label_word_rows(model, tokenizer, words, model_path, revision)
+        layer.weight.copy_(rows.to(layer.weight.dtype))
+        ids, targets = probe
+        batch = tokenizer.pad({"input_ids": ids}, return_tensors="pt").to(layer.weight.device)
+        model.eval()
+        with autocast_for(model):
+            logits = model(**batch).logits.float().cpu()
+        scale = best_temperature(logits, torch.tensor(targets))
+        layer.weight.mul_(scale)
+    return scale
+
+
+def best_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The s in [0, 100] minimising cross-entropy(s x logits): a grid in log space, 0 included."""
+    candidates = [0.0] + torch.logspace(-4, 2, 121).tolist()
+    losses = [torch.nn.functional.cross_entropy(s * logits, targets).item() for s in candidates]
+    return candidates[min(range(len(candidates)), key=losses.__getitem__)]
 
 
 def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str] | str:
@@ -305,6 +398,10 @@ def merge_run(run_dir: str | Path, out_dir: str | Path, allow_pickle: bool = Fal
         write_inference_settings(tmp, settings)
         if (run_dir / CALIBRATION_FILE).is_file():
             shutil.copyfile(run_dir / CALIBRATION_FILE, tmp / CALIBRATION_FILE)
+    # The model card, once the folder has its final name (the card is titled by it).
+    from intentlora.card import write_model_card
+
+    write_model_card(out_dir, read_metrics(run_dir), dataclasses.asdict(read_config(run_dir)), merged=True)
     return out_dir
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from intentlora.evaluate import metrics_from_probs
 from intentlora.files import atomic_file
 from intentlora.inference import DEFAULT_BATCH_SIZE, DEFAULT_PRECISION, batched_logits, precision_dtype, resolve_device
 from intentlora.models import add_adapter, load_merged_classifier, load_run
+from intentlora.onnx_export import OnnxModel, is_onnx_folder, load_onnx
 from intentlora.rundir import (
     IncompleteRunError,  # noqa: F401  (part of this API: from_pretrained raises it)
     check_run_dir,
@@ -84,8 +87,10 @@ class IntentClassifier:
     is a name in `models`, chosen per call with `predict(model=...)`. Thread-safe.
     """
 
-    def __init__(self, model: PreTrainedModel, tokenizer, routes: dict[str, _Route], batch_size: int = DEFAULT_BATCH_SIZE):
+    def __init__(self, model: PreTrainedModel | OnnxModel, tokenizer, routes: dict[str, _Route], batch_size: int = DEFAULT_BATCH_SIZE,
+                 precision: str = "fp32"):
         self._model = model
+        self.precision = precision  # fp32, bf16, onnx-fp32 or onnx-int8: what scores are computed in (calibration.json keeps it)
         self._tokenizer = tokenizer
         self._routes = routes
         self.batch_size = batch_size
@@ -110,7 +115,8 @@ class IntentClassifier:
         """Load `path` (named "default") and `adapters` ({name: run directory}) on one base model.
 
         `path` is a run directory written by `train` or a folder written by
-        `export`; adapters need run directories trained on the same base.
+        `export` (torch, or ONNX Runtime when it holds model.onnx: CPU, its
+        own precision); adapters need run directories trained on the same base.
         `max_length` defaults to each run's truncation length, `threshold` and
         `fallback_label` to each model's calibration.json (if any); `dtype`
         (torch dtype, or "auto"/"bf16"/"fp32") to the tool's default precision
@@ -126,15 +132,19 @@ class IntentClassifier:
         if path is not None and not is_run_dir(Path(path)):
             if adapters:
                 raise ValueError(f"{path}: a merged model cannot take adapters; give the run directory it was exported from")
-            model, tokenizer, routes = load_merged(Path(path), torch_dtype, allow_pickle, device)
+            load = load_onnx_folder if is_onnx_folder(path) else load_merged  # the backend follows the folder
+            model, tokenizer, routes = load(Path(path), torch_dtype, allow_pickle, device)
         else:
             model, tokenizer, routes = load_runs(sources, torch_dtype, allow_pickle, device, base=base)
+        precision = model_precision(model)
         for name, route in routes.items():
             if max_length:
                 route.settings = {**route.settings, "max_length": max_length}
             calibration = read_calibration(sources[name])
             route.threshold, route.fallback_label = fallback_rule(route.labels, calibration, threshold, fallback_label, str(sources[name]))
-        return cls(model, tokenizer, routes, batch_size)
+            if threshold is None and route.threshold is not None:
+                check_calibration_precision(calibration, precision, str(sources[name]))
+        return cls(model, tokenizer, routes, batch_size, precision)
 
     @property
     def models(self) -> list[str]:
@@ -149,11 +159,16 @@ class IntentClassifier:
         Raises UnknownModelError (a KeyError) for a name not in `models`,
         ValueError for a top_k outside 1..number of labels or an empty text.
         """
-        route = self._route(model)
         check_texts(texts)
+        self.predictions(torch.empty(0, len(self.labels(model))), top_k, model)  # a bad top_k fails before the work
+        return self.predictions(self.probabilities(texts, model), top_k, model)
+
+    def predictions(self, probs: torch.Tensor, top_k: int = 1, model: str | None = None) -> list[Prediction]:
+        """Rows of `probabilities(texts, model)` as Predictions: top_k labels, the threshold applied."""
+        route = self._route(model)
         if not 1 <= top_k <= len(route.labels):
             raise ValueError(f"top_k must be between 1 and {len(route.labels)} (the number of labels), got {top_k}")
-        return [to_prediction(row, route, top_k) for row in self.probabilities(texts, model)]
+        return [to_prediction(row, route, top_k) for row in probs]
 
     def probabilities(self, texts: Sequence[str], model: str | None = None, progress=None) -> torch.Tensor:
         """Class probabilities, shape (texts, labels), columns in the order of `labels(model)`; no threshold.
@@ -164,7 +179,8 @@ class IntentClassifier:
             if route.adapter is not None and route.adapter != self._active:
                 self._model.set_adapter(route.adapter, inference_mode=True)
                 self._active = route.adapter
-            logits = batched_logits(self._model, self._tokenizer, list(texts), self.batch_size, progress=progress, **route.settings)
+            forward = self._model.logits if isinstance(self._model, OnnxModel) else partial(batched_logits, self._model)
+            logits = forward(self._tokenizer, list(texts), self.batch_size, progress=progress, **route.settings)
         return logits.softmax(-1)
 
     def _route(self, model: str | None) -> _Route:
@@ -172,6 +188,27 @@ class IntentClassifier:
         if name not in self._routes:
             raise UnknownModelError(f"unknown model {name!r}; loaded: {', '.join(self._routes)}")
         return self._routes[name]
+
+
+def model_precision(model) -> str:
+    """fp32 / bf16 / fp16 for torch (the base weights' dtype), onnx-fp32 / onnx-int8 for ONNX Runtime."""
+    if isinstance(model, OnnxModel):
+        return f"onnx-{model.quantize or 'fp32'}"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(next(model.parameters()).dtype, "fp32")
+
+
+def check_calibration_precision(calibration: dict, precision: str, where: str) -> None:
+    """A threshold is a cut through scores: used in another precision than it was picked in, it keeps other texts."""
+    picked_in = calibration.get("model_precision", "fp32")  # before this field, calibrate ran in fp32 only
+    if picked_in.removeprefix("onnx-") != precision.removeprefix("onnx-"):  # ONNX fp32 computes what torch fp32 does
+        remedy = (f"load it in {picked_in} (--precision)" if not precision.startswith("onnx-") and not picked_in.startswith("onnx-")
+                  else f"use the export made in {picked_in}")
+        warnings.warn(
+            f"{where}: the threshold in calibration.json was picked in {picked_in}, this model runs in {precision}; "
+            f"scores differ slightly between the two, so its precision/coverage may not hold: {remedy}, "
+            f"or run `intentlora calibrate` on it again",
+            stacklevel=3,
+        )
 
 
 def named_sources(path: str | Path | None, adapters: dict[str, str | Path] | None) -> dict[str, Path]:
@@ -195,6 +232,13 @@ def load_merged(path: Path, dtype: torch.dtype, allow_pickle: bool = False, devi
     model, tokenizer, labels = loaded
     settings = read_inference_settings(path) or {"max_length": tokenizer_max_length(tokenizer)}
     return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, settings)}
+
+
+def load_onnx_folder(path: Path, dtype: torch.dtype, allow_pickle: bool = False, device=None):
+    """A folder written by `export --format onnx`: ONNX Runtime on the CPU, in the precision it was exported in
+    (fp32 or int8 weights), whatever `dtype` and `device` say."""
+    model, tokenizer, labels, settings = load_onnx(path)
+    return model, tokenizer, {DEFAULT_MODEL: _Route(labels, None, settings or {"max_length": tokenizer_max_length(tokenizer)})}
 
 
 def tokenizer_max_length(tokenizer) -> int:
@@ -230,7 +274,7 @@ def classifier_for_run(run_dir: Path, *, device: str | torch.device | None = Non
     device = resolve_device(device)
     model, tokenizer, routes = load_runs({DEFAULT_MODEL: Path(run_dir)}, precision_dtype(DEFAULT_PRECISION, device), allow_pickle,
                                          device, check_finished=False)
-    return IntentClassifier(model, tokenizer, routes)
+    return IntentClassifier(model, tokenizer, routes, precision=model_precision(model))
 
 
 def check_same_base(sources: dict[str, Path], configs: dict) -> None:
@@ -321,7 +365,7 @@ def calibrate(
         )
     chosen = min(reached, key=lambda cut: cut["threshold"])
     return {**chosen, "fallback_label": fallback_label, "target_precision": target_precision,
-            "n": len(scores), "data": str(data)}
+            "n": len(scores), "data": str(data), "model_precision": classifier.precision}
 
 
 def precision_curve(scores: list[float], correct: list[bool]) -> list[dict]:

@@ -1,15 +1,20 @@
 """HTTP service for a trained classifier: FastAPI routes, request limits, an API key, micro-batching.
 
-Concurrent requests for the same model are combined into one `predict` call,
-run on a single worker thread: the event loop never blocks on torch, and one
-forward pass over 32 short texts costs far less than 32 passes over one.
+Concurrent requests for the same model are combined into one batch, run on a
+single worker thread: the event loop never blocks on torch, and one forward
+pass over 32 short texts costs far less than 32 passes over one. The queue is
+bounded: an overloaded service answers 503 with Retry-After rather than
+letting latency grow without limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import math
 import secrets
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 
@@ -62,69 +67,125 @@ class ModelsResponse(BaseModel):
 @dataclass
 class _Job:
     texts: list[str]
+    top_k: int
     future: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    taken: bool = False  # in a batch: no longer counted as queued
+
+
+class Overloaded(Exception):
+    """The queue is full, or a request waited past its timeout: answer 503 with Retry-After."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class MicroBatcher:
-    """Queues requests per (model, top_k) and runs each batch as one `predict` call on one thread.
+    """Queues requests per model and runs what is waiting as one batch on one worker thread.
 
-    A batch closes when it holds `max_batch_size` texts or `max_wait_ms` after
-    its first request; a request is never split, so a batch can exceed the size
-    by less than one request. One batch never mixes models (adapters).
+    When the worker is free, a batch takes every waiting request up to
+    `max_batch_size` texts (and, when fewer wait, those that keep arriving
+    less than `max_wait_ms` apart); `IntentClassifier.probabilities` then tokenizes them in one
+    call, sorts them by length and cuts forward passes by texts and tokens,
+    so a batch of mixed lengths pads little. A request is never split; one
+    batch never mixes models (adapters) but does mix `top_k`. At most
+    `max_queue` texts wait; past that `predict` raises Overloaded at once,
+    and a request that waits longer than `timeout_s` is dropped with it.
     """
 
-    def __init__(self, classifier: IntentClassifier, max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(self, classifier: IntentClassifier, max_batch_size: int, max_wait_ms: float, max_queue: int = 256,
+                 timeout_s: float = 30) -> None:
         self.classifier = classifier
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.queued = 0  # texts waiting, over every model
+        self.texts_per_s = 0.0  # recent worker throughput, for Retry-After
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intentlora-predict")
-        self.queues: dict[tuple[str, int], asyncio.Queue[_Job]] = {}
+        self.queues: dict[str, asyncio.Queue[_Job]] = {}
         self.collectors: list[asyncio.Task] = []
 
     async def predict(self, texts: list[str], model: str, top_k: int) -> list[Prediction]:
-        key = (model, top_k)
-        if key not in self.queues:
-            self.queues[key] = asyncio.Queue()
-            self.collectors.append(asyncio.create_task(self._serve_queue(key)))
-        job = _Job(texts)
-        self.queues[key].put_nowait(job)
-        return await job.future
+        if self.queued + len(texts) > self.max_queue:
+            raise Overloaded(f"the queue is full ({self.queued} texts waiting, limit {self.max_queue}); retry later", self.retry_after())
+        if model not in self.queues:
+            self.queues[model] = asyncio.Queue()
+            self.collectors.append(asyncio.create_task(self._serve_queue(model)))
+        job = _Job(texts, top_k)
+        self.queued += len(texts)
+        self.queues[model].put_nowait(job)
+        try:
+            return await asyncio.wait_for(job.future, self.timeout_s)  # cancels the job on timeout: no batch will run it
+        except TimeoutError:
+            raise Overloaded(f"no answer within {self.timeout_s:g} s: the service is overloaded; retry later", self.retry_after()) from None
+        finally:
+            if not job.taken:
+                job.taken = True
+                self.queued -= len(texts)
 
-    async def _serve_queue(self, key: tuple[str, int]) -> None:
+    def retry_after(self) -> int:
+        """Seconds until the queue has likely drained, by the recent throughput (at least 1)."""
+        return max(1, math.ceil(self.queued / self.texts_per_s)) if self.texts_per_s else 1
+
+    async def _serve_queue(self, model: str) -> None:
         while True:
-            jobs = await self._collect(self.queues[key])
-            await self._run_batch(jobs, *key)
+            jobs = await self._collect(self.queues[model])
+            if jobs:
+                await self._run_batch(jobs, model)
 
     async def _collect(self, queue: asyncio.Queue[_Job]) -> list[_Job]:
-        jobs = [await queue.get()]
-        deadline = asyncio.get_running_loop().time() + self.max_wait_s
-        while sum(len(job.texts) for job in jobs) < self.max_batch_size:
+        """What is waiting, up to max_batch_size texts.
+
+        When the queue runs dry it waits for more while requests keep coming:
+        until no new one arrives for max_wait_ms (clients answered together
+        send their next requests a moment apart, and splitting them would cost
+        a second, smaller forward pass), and never past 10 x max_wait_ms in all.
+        """
+        jobs, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = None
+        while size < self.max_batch_size:
             try:
-                async with asyncio.timeout_at(deadline):
-                    jobs.append(await queue.get())
+                if queue.empty() and jobs:
+                    deadline = deadline or loop.time() + 10 * self.max_wait_s
+                    async with asyncio.timeout_at(min(deadline, loop.time() + self.max_wait_s)):
+                        job = await queue.get()
+                else:
+                    job = await queue.get()
             except TimeoutError:
                 break
+            if job.future.done():  # timed out or its client went away while it waited
+                continue
+            job.taken = True
+            self.queued -= len(job.texts)
+            jobs.append(job)
+            size += len(job.texts)
         return jobs
 
-    async def _run_batch(self, jobs: list[_Job], model: str, top_k: int) -> None:
+    async def _run_batch(self, jobs: list[_Job], model: str) -> None:
         texts = [text for job in jobs for text in job.texts]
         loop = asyncio.get_running_loop()
+        start = loop.time()
         try:
-            predictions = await loop.run_in_executor(self.worker, lambda: self.classifier.predict(texts, top_k=top_k, model=model))
-        except Exception as error:  # a model error fails requests, never the service
+            probs = await loop.run_in_executor(self.worker, self.classifier.probabilities, texts, model)
+        except Exception:  # a model error fails requests, never the service
             if len(jobs) > 1:  # run each request alone, so only the one that breaks the model fails
                 for job in jobs:
-                    await self._run_batch([job], model, top_k)
+                    await self._run_batch([job], model)
                 return
-            log.exception("prediction failed for %d texts on model %r", len(texts), model)
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("prediction failed (error id %s) for %d texts on model %r", error_id, len(texts), model)
             if not jobs[0].future.done():
-                jobs[0].future.set_exception(error)
+                jobs[0].future.set_exception(PredictionFailed(error_id))
             return
-        start = 0
+        elapsed = max(loop.time() - start, 1e-6)
+        self.texts_per_s = len(texts) / elapsed if not self.texts_per_s else 0.8 * self.texts_per_s + 0.2 * len(texts) / elapsed
+        row = 0
         for job in jobs:
             if not job.future.done():  # the client may have gone away
-                job.future.set_result(predictions[start : start + len(job.texts)])
-            start += len(job.texts)
+                job.future.set_result(self.classifier.predictions(probs[row : row + len(job.texts)], job.top_k, model))
+            row += len(job.texts)
 
     async def close(self) -> None:
         for task in self.collectors:
@@ -133,24 +194,46 @@ class MicroBatcher:
         self.worker.shutdown(wait=True)
 
 
-class BodySizeLimit:
-    """ASGI middleware: refuse a body over `max_bytes` (413) as it streams in, before JSON parsing holds it all."""
+class PredictionFailed(Exception):
+    """The model raised: the details go to the log under `error_id`, never to the client."""
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(error_id)
+        self.error_id = error_id
+
+
+class RequestGate:
+    """ASGI middleware for bodies: 413 over `max_bytes` (as it streams in, before JSON parsing holds it all),
+    415 for a body that says it is not JSON; a body with no Content-Type is taken as JSON."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        body, more = b"", True
+        headers = dict(scope["headers"])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        if not content_type:  # curl --data-binary and many scripts send none: take the body for what the route expects
+            others = [(name, value) for name, value in scope["headers"] if name != b"content-type"]
+            scope = {**scope, "headers": [*others, (b"content-type", b"application/json")]}
+        elif not (content_type.endswith(b"/json") or content_type.endswith(b"+json")):
+            detail = (f"Content-Type {content_type.decode('latin-1')!r} is not JSON: send the body as JSON with the header "
+                      "'Content-Type: application/json' (curl: -H 'Content-Type: application/json')")
+            return await JSONResponse({"detail": detail}, status_code=415)(scope, receive, send)
+        chunks, size, more = [], 0, True
         while more:
             message = await receive()
-            body += message.get("body", b"")
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
             more = message.get("more_body", False)
-            if len(body) > self.max_bytes:
+            if size > self.max_bytes:
                 response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
                 return await response(scope, receive, send)
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         replayed = False
 
         async def replay():  # the body once, then the real channel (for disconnects)
@@ -182,28 +265,32 @@ def api_key_checker(api_key: str | None):
 def build_app(
     classifier: IntentClassifier,
     *,
-    max_batch_size: int = 32,
-    max_wait_ms: float = 5,
+    max_batch_size: int = 64,
+    max_wait_ms: float = 2,
     max_texts: int = 64,
     max_chars: int = 2000,
+    max_queue: int = 256,
+    timeout_s: float = 30,
     api_key: str | None = None,
 ) -> FastAPI:
     """The service: POST /v1/classify, GET /v1/models, GET /healthz, docs at /docs.
 
     The key guards every route but /healthz, the docs included (a load
-    balancer's health probe carries no key).
+    balancer's health probe carries no key). Overload answers 503 with
+    Retry-After (more than `max_queue` texts waiting, or no answer within
+    `timeout_s`); a model error answers 500 with an id to find in the log.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.batcher = MicroBatcher(classifier, max_batch_size, max_wait_ms)
+        app.state.batcher = MicroBatcher(classifier, max_batch_size, max_wait_ms, max_queue, timeout_s)
         yield
         await app.state.batcher.close()
 
     app = FastAPI(title="intentlora", summary="Intent classification with LoRA-tuned language models.", lifespan=lifespan,
                   docs_url=None, openapi_url=None)  # added below, behind the key
     # Room for max_texts texts of max_chars characters, even when JSON escapes each one as \ud83d\ude00 (12 bytes).
-    app.add_middleware(BodySizeLimit, max_bytes=max_texts * (max_chars * 12 + 8) + 4096)
+    app.add_middleware(RequestGate, max_bytes=max_texts * (max_chars * 12 + 8) + 4096)
     authorized = [Depends(api_key_checker(api_key))]
 
     @app.get("/healthz")
@@ -222,14 +309,20 @@ def build_app(
     def models() -> ModelsResponse:
         return ModelsResponse(models=[ModelInfo(name=name, labels=classifier.labels(name)) for name in classifier.models])
 
-    @app.post("/v1/classify", dependencies=authorized, response_model=ClassifyResponse)
-    async def classify(body: ClassifyRequest, request: Request) -> dict:
+    @app.post("/v1/classify", dependencies=authorized, response_model=ClassifyResponse,
+              responses={503: {"description": "Overloaded: retry after the Retry-After header's seconds."},
+                         500: {"description": "The model failed; the detail holds an id to find in the server log."}})
+    async def classify(body: ClassifyRequest, request: Request) -> Response:
         check_request(body, classifier, max_texts, max_chars)
         try:
             predictions = await request.app.state.batcher.predict(body.texts, body.model, body.top_k)
-        except Exception as error:
-            raise HTTPException(500, f"prediction failed: {type(error).__name__}: {error}") from error
-        return {"model": body.model, "predictions": [p.to_dict() for p in predictions]}
+        except Overloaded as error:
+            raise HTTPException(503, str(error), headers={"Retry-After": str(error.retry_after_s)}) from None
+        except PredictionFailed as error:
+            raise HTTPException(500, f"prediction failed (error id {error.error_id}; the server log has the details)") from None
+        # Built here, once: the response model documents it, re-validating it would only cost time.
+        payload = {"model": body.model, "predictions": [p.to_dict() for p in predictions]}
+        return Response(json.dumps(payload, ensure_ascii=False), media_type="application/json")
 
     return app
 
@@ -251,7 +344,10 @@ def check_request(body: ClassifyRequest, classifier: IntentClassifier, max_texts
 
 
 def run(classifier: IntentClassifier, *, host: str = "127.0.0.1", port: int = 8000, **options) -> None:
-    """Serve until interrupted; `options` go to `build_app`. One process: the model is loaded once."""
+    """Serve until interrupted; `options` go to `build_app`. One process: the model is loaded once.
+
+    No access log: on a small CPU, formatting a line per request costs throughput the model needs.
+    """
     import uvicorn
 
-    uvicorn.run(build_app(classifier, **options), host=host, port=port)
+    uvicorn.run(build_app(classifier, **options), host=host, port=port, access_log=False)

@@ -12,6 +12,7 @@ baselines and finalizes.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import gc
 import math
@@ -24,19 +25,29 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import DataCollatorWithPadding, PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import (
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    PrinterCallback,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
 
 from intentlora.config import Config
 from intentlora.console import Reporter, ReporterCallback, as_reporter
-from intentlora.data import Example, Splits, load_splits
-from intentlora.evaluate import classification_metrics, evaluate_model, metrics_from_probs, tfidf_baseline
+from intentlora.data import Example, Splits, load_splits, summarize
+from intentlora.evaluate import classification_metrics, metrics_from_probs, tfidf_baseline
 from intentlora.files import staged_dir
-from intentlora.inference import DEFAULT_PRECISION, batched_logits, count_truncated, precision_dtype, resolve_device, resolve_precision
+from intentlora.inference import DEFAULT_PRECISION, apply_template, batched_logits, encode, precision_dtype, resolve_device, resolve_precision
 from intentlora.models import (
     add_lora,
     check_4bit_supported,
     check_merge,
     dir_size_mb,
+    init_head,
+    label_words,
     load_adapter,
     load_causal_lm,
     load_classifier,
@@ -45,10 +56,12 @@ from intentlora.models import (
     resolve_model_path,
 )
 from intentlora.predict import classifier_for_run
+from intentlora.tracking import PROJECT as TRACKING_PROJECT, check_report_to, finish_run, place_logs
 from intentlora.report import write_report
 from intentlora.rundir import (
     ADAPTER_DIR,
     checkpoint_step,
+    inference_settings,
     checkpoints_dir,
     is_main_process,
     make_run_dir,
@@ -111,6 +124,7 @@ class Fit:
     resumed_step: int
     real_tokens: int
     padded_tokens: int
+    rows: int  # training texts passed forward (each epoch counts again)
 
 
 def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
@@ -151,6 +165,11 @@ def setup(cfg: Config, splits: Splits, run_dir: Path, checkpoint: Path | None, r
 
     report.phase("model", f"loading {cfg.model.name} as a classifier ({precision}, {device}) and adding LoRA")
     base = load_classifier(model_path, splits.labels, tokenizer.pad_token_id, precision_dtype(precision), cfg.model, device)
+    if is_main_process() and "random_head" in cfg.eval.baselines:
+        # Before lora.head_init: the reference's untrained classifier has transformers' random head (LoRA starts as a no-op).
+        report.phase("baselines", "random_head: the untrained classifier, as the reference recipe reports it")
+        baselines["random_head"], _ = evaluate(base, tokenizer, splits.test, splits.labels, cfg)
+    start_head(base, tokenizer, splits, cfg, model_path, report)
     if cfg.model.load_in_4bit:
         from peft import prepare_model_for_kbit_training
 
@@ -158,9 +177,6 @@ def setup(cfg: Config, splits: Splits, run_dir: Path, checkpoint: Path | None, r
     model = add_lora(base, cfg.lora)
     trainable, total = parameter_counts(model)
     report(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
-    if is_main_process() and "random_head" in cfg.eval.baselines:
-        report.phase("baselines", "random_head: the untrained classifier, as the reference recipe reports it")
-        baselines["random_head"], _ = evaluate(model, tokenizer, splits.test, splits.labels, cfg)
     baselines = {name: baselines[name] for name in cfg.eval.baselines if name in baselines}  # in the order asked
 
     trainer = build_trainer(model, tokenizer, splits, cfg, run_dir, precision, device, report)
@@ -168,9 +184,45 @@ def setup(cfg: Config, splits: Splits, run_dir: Path, checkpoint: Path | None, r
                baselines, trainable, total, truncated)
 
 
+HEAD_INITS = ("random", "zero", "label_words")
+CLASS_WEIGHTS = ("none", "balanced")
+PROBE_TEXTS = 64  # training texts that scale the label-words head
+
+
+def start_head(model, tokenizer, splits: Splits, cfg: Config, model_path: str, report: Reporter) -> None:
+    """Initialise the new head as lora.head_init says (before LoRA wraps it: LoRA starts as a no-op)."""
+    if cfg.lora.head_init == "label_words":
+        words = label_words(splits.labels, cfg.eval.label_descriptions)
+        probe = splits.train[:PROBE_TEXTS]
+        ids = encode(tokenizer, [ex.text for ex in probe], cfg.data.max_length, cfg.data.prompt_template)
+        targets = [splits.labels.index(ex.label) for ex in probe]
+        scale = init_head(model, "label_words", tokenizer=tokenizer, words=words, model_path=model_path,
+                          revision=cfg.model.revision, probe=(ids, targets))
+        report(f"head: each label's row from the output embedding of its words, scaled by {scale:.3g}")
+    else:
+        init_head(model, cfg.lora.head_init)
+
+
 def check_settings(cfg: Config) -> None:
     """What would otherwise fail mid-run, after data and model have loaded."""
     t = cfg.train
+    if cfg.lora.head_init not in HEAD_INITS:
+        raise ValueError(f"lora.head_init must be one of {', '.join(HEAD_INITS)}, got {cfg.lora.head_init!r}")
+    if t.class_weights not in CLASS_WEIGHTS:
+        raise ValueError(f"train.class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {t.class_weights!r}")
+    template = cfg.data.prompt_template
+    if template is not None and template.count("{text}") != 1:
+        raise ValueError(f"data.prompt_template must contain {{text}} exactly once (where each text goes), got {template!r}")
+    if t.min_steps < 0 or (t.max_steps is not None and t.max_steps < 1) or t.linear_probe_steps < 0:
+        raise ValueError(f"train.min_steps and train.linear_probe_steps must be >= 0 and train.max_steps >= 1 (or none), "
+                         f"got {t.min_steps}, {t.linear_probe_steps} and {t.max_steps}")
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        raise ValueError(f"train.early_stopping_patience is a number of evaluations (>= 1) or none, got {t.early_stopping_patience}")
+    for name in ("head_lr", "loraplus_lr_ratio"):
+        if getattr(t, name) is not None and getattr(t, name) <= 0:
+            raise ValueError(f"train.{name} must be positive (or none), got {getattr(t, name)}")
+    if t.linear_probe_steps and process_count() > 1:
+        raise ValueError("train.linear_probe_steps freezes LoRA for a while, which DDP does not allow; set it to 0 for multi-process training")
     if t.save_steps is not None and t.save_steps < 1:
         raise ValueError(f"train.save_steps must be a positive number of steps (or none: every epoch), got {t.save_steps}")
     if not 0 <= t.warmup_ratio < 1:
@@ -178,6 +230,7 @@ def check_settings(cfg: Config) -> None:
     if t.grad_accum < 1 or t.batch_size < 1:
         raise ValueError(f"train.batch_size and train.grad_accum must be at least 1, got {t.batch_size} and {t.grad_accum}")
     resolve_precision(t.precision)
+    check_report_to(t.report_to)  # an unknown or uninstalled tracker fails now, not after the baselines
     if cfg.model.load_in_4bit:
         check_4bit_supported()
 
@@ -195,8 +248,8 @@ def load_data(cfg: Config, echo=None) -> Splits:
         d.train, d.test, d.valid, d.labels, d.drop_unknown, d.valid_fraction,
         d.max_train_samples, d.max_test_samples, d.text_field, d.label_field, cfg.train.seed,
     )
-    for problem in splits.problems:
-        report(str(problem))
+    if splits.problems:
+        report(summarize(splits.problems, "the given labels (data.labels)" if d.labels else "the training file's labels"))
     shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
     report(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
     if d.valid is None and d.valid_fraction == 0:
@@ -207,15 +260,23 @@ def load_data(cfg: Config, echo=None) -> Splits:
 
 def truncated_texts(tokenizer, splits: Splits, cfg: Config, report: Reporter) -> dict[str, int]:
     """How many train and test texts max_length cuts, said out loud: the model never sees their ends."""
-    counts = {name: count_truncated(tokenizer, [ex.text for ex in getattr(splits, name)], cfg.data.max_length) for name in ("train", "test")}
+    counts = {name: count_truncated(tokenizer, [ex.text for ex in getattr(splits, name)], cfg) for name in ("train", "test")}
     for name, cut in counts.items():
         if cut:
             report.warning(f"{cut} {name} text(s) are longer than data.max_length={cfg.data.max_length} tokens: the model sees only their start")
     return counts
 
 
+def count_truncated(tokenizer, texts: list[str], cfg: Config) -> int:
+    """Texts longer than max_length tokens with the prompt template around them: the model sees only their start."""
+    lengths = tokenizer(apply_template(texts, cfg.data.prompt_template), truncation=False)["input_ids"]
+    return sum(len(ids) > cfg.data.max_length for ids in lengths)
+
+
 def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> tuple[dict, torch.Tensor]:
-    return evaluate_model(model, tokenizer, examples, labels, cfg.train.eval_batch_size, cfg.data.max_length, cfg.train.pad_to_max_length)
+    logits = batched_logits(model, tokenizer, [ex.text for ex in examples], cfg.train.eval_batch_size, **inference_settings(cfg))
+    probs = logits.softmax(-1)
+    return metrics_from_probs(examples, probs, labels), probs
 
 
 def run_lm_baselines(tokenizer, splits: Splits, cfg: Config, model_path: str, precision: str, device, report: Reporter) -> dict:
@@ -235,7 +296,7 @@ def run_lm_baselines(tokenizer, splits: Splits, cfg: Config, model_path: str, pr
             lm = load_causal_lm(model_path, precision_dtype(precision), cfg.model, device)
             results[name] = zero_shot_baseline(lm, tokenizer, splits.test, splits.labels, cfg.eval.label_descriptions)
             del lm
-            gc.collect()
+            release_memory()
         elif name != "random_head":
             raise ValueError(f"unknown baseline {name!r}; choose from random_head, zero_shot, tfidf")
     return results
@@ -244,14 +305,35 @@ def run_lm_baselines(tokenizer, splits: Splits, cfg: Config, model_path: str, pr
 def tokenize(tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> Dataset:
     """Token ids only: padding happens per batch in the collator (dynamic padding)."""
     label2id = {label: i for i, label in enumerate(labels)}
-    padding = "max_length" if cfg.train.pad_to_max_length else False
-    enc = tokenizer([ex.text for ex in examples], truncation=True, max_length=cfg.data.max_length, padding=padding)
+    ids = encode(tokenizer, [ex.text for ex in examples], cfg.data.max_length, cfg.data.prompt_template)
+    padding = {"padding": "max_length", "max_length": cfg.data.max_length} if cfg.train.pad_to_max_length else {"padding": False}
+    enc = tokenizer.pad({"input_ids": ids}, **padding)
     return Dataset.from_dict({
         "input_ids": enc["input_ids"],
         "attention_mask": enc["attention_mask"],
         "labels": [label2id[ex.label] for ex in examples],
-        "length": [len(ids) for ids in enc["input_ids"]],
+        "length": [len(row) for row in enc["input_ids"]],
     })
+
+
+def planned_steps(cfg: Config, train_size: int) -> int:
+    """Optimizer steps: `epochs` passes, at least train.min_steps, at most train.max_steps."""
+    t = cfg.train
+    steps = math.ceil(math.ceil(train_size / (t.batch_size * t.grad_accum * process_count())) * t.epochs)
+    steps = max(steps, t.min_steps)
+    return min(steps, t.max_steps) if t.max_steps is not None else steps
+
+
+def class_weights(examples: list[Example], labels: list[str], mode: str) -> torch.Tensor | None:
+    """`balanced`: n / (labels x count), sklearn's rule (a label absent from train gets weight 0); `none`: None."""
+    if mode == "none":
+        return None
+    import numpy as np
+    from sklearn.utils.class_weight import compute_class_weight
+
+    present = sorted({ex.label for ex in examples}, key=labels.index)
+    weights = dict(zip(present, compute_class_weight("balanced", classes=np.array(present), y=[ex.label for ex in examples])))
+    return torch.tensor([float(weights.get(label, 0.0)) for label in labels])
 
 
 def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, precision: str, device: torch.device,
@@ -261,7 +343,7 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
     schedule = "steps" if t.save_steps else "epoch"
     args = TrainingArguments(
         output_dir=str(checkpoints_dir(run_dir)),
-        num_train_epochs=t.epochs,
+        max_steps=planned_steps(cfg, len(splits.train)),
         learning_rate=t.lr,
         per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.eval_batch_size,
@@ -284,10 +366,14 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         greater_is_better=True,
         logging_steps=t.logging_steps,
         report_to=[name for name in t.report_to if name != "none"] or "none",
+        run_name=run_dir.name,  # the tracker's run is named as the run folder
+        project=TRACKING_PROJECT,  # Trackio's project: finish_run reopens the run by project and name
         # The classification loss is a mean per example, not a token sum: HF's
         # cross-process token averaging would multiply it by the process count.
         average_tokens_across_devices=False,
         disable_tqdm=True,  # the Reporter draws named bars instead
+        # A resumed run continues early stopping's patience count, not a fresh one.
+        restore_callback_states_from_checkpoint=True,
     )
 
     def compute_metrics(prediction) -> dict:
@@ -295,6 +381,9 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"]}
 
     trainer = IntentTrainer(
+        class_weights=class_weights(splits.train, splits.labels, t.class_weights),
+        head_lr=t.head_lr,
+        loraplus_lr_ratio=t.loraplus_lr_ratio,
         model=model,
         args=args,
         train_dataset=tokenize(tokenizer, splits.train, splits.labels, cfg),
@@ -304,6 +393,11 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
     )
     trainer.remove_callback(PrinterCallback)  # raw dicts on the console
     trainer.add_callback(ReporterCallback(report))
+    place_logs(trainer.callback_handler.callbacks, run_dir)  # TensorBoard into RUN/tensorboard: checkpoints/ is deleted at the end
+    if t.early_stopping_patience is not None:
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
+    if t.linear_probe_steps:
+        trainer.add_callback(LinearProbeFirst(t.linear_probe_steps))
     # Our models' forward takes **kwargs, so Trainer would assume the loss is
     # already divided over the accumulated batches, and not divide it: with
     # grad_accum k, gradients and logged loss k times too large. The
@@ -364,8 +458,74 @@ class EpochToSampler(TrainerCallback):
         self.sampler.set_epoch(int(state.epoch + 1e-6))
 
 
+class LinearProbeFirst(TrainerCallback):
+    """LP-FT: LoRA frozen for the first `steps` optimizer steps (the head learns alone), then trained.
+
+    Set before every step, so a run resumed in either phase is in the right one.
+    A frozen LoRA weight gets no gradient, and AdamW leaves a weight without
+    one untouched (no update, no decay); the backward pass stops at the head.
+    """
+
+    def __init__(self, steps: int):
+        self.steps = steps
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        probing = state.global_step < self.steps
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(not probing)
+
+
+def is_head_parameter(name: str) -> bool:
+    """The trained copy of the classification head (PEFT's modules_to_save)."""
+    return "modules_to_save" in name
+
+
 class IntentTrainer(Trainer):
-    """HF Trainer with LengthBucketSampler for group_by_length."""
+    """HF Trainer with LengthBucketSampler for group_by_length, class-weighted loss, and learning rates per part.
+
+    `head_lr` is the new head's learning rate; `loraplus_lr_ratio` multiplies
+    the LoRA B matrices' (LoRA+, Hayou et al. 2024); `class_weights` weights
+    the cross-entropy per label. The loss stays a mean per batch, so Trainer
+    still divides it over accumulated batches (model_accepts_loss_kwargs is
+    False, no compute_loss_func).
+    """
+
+    def __init__(self, *args, class_weights: torch.Tensor | None = None, head_lr: float | None = None,
+                 loraplus_lr_ratio: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.class_weights, self.head_lr, self.loraplus_lr_ratio = class_weights, head_lr, loraplus_lr_ratio
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.class_weights is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
+        weight = self.class_weights.to(outputs.logits.device)
+        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"], weight=weight)
+        return (loss, outputs) if return_outputs else loss
+
+    def parameter_lr(self, name: str) -> float:
+        if is_head_parameter(name) and self.head_lr is not None:
+            return self.head_lr
+        if "lora_B" in name and self.loraplus_lr_ratio is not None:
+            return self.args.learning_rate * self.loraplus_lr_ratio
+        return self.args.learning_rate
+
+    def create_optimizer(self, model=None):
+        """HF's optimizer, with one parameter group per (learning rate, weight decay)."""
+        if self.optimizer is not None or (self.head_lr is None and self.loraplus_lr_ratio is None):
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
+        decay = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list] = {}
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                key = (self.parameter_lr(name), self.args.weight_decay if name in decay else 0.0)
+                groups.setdefault(key, []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls([{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in groups.items()],
+                                       **optimizer_kwargs)
+        return self.optimizer
 
     def _get_train_sampler(self, train_dataset=None):
         if self.args.train_sampling_strategy != "group_by_length":
@@ -382,13 +542,14 @@ class TokenCounter:
     """Counts the real and the padded tokens of training forward passes: padding is compute spent on nothing."""
 
     def __init__(self):
-        self.real = self.padded = 0
+        self.real = self.padded = self.rows = 0
 
     def __call__(self, module, args, kwargs):
         mask = kwargs.get("attention_mask")
         if module.training and mask is not None:  # not the per-epoch evaluation
             self.real += int(mask.sum())
             self.padded += mask.numel()
+            self.rows += mask.shape[0]
 
 
 # -- fit --------------------------------------------------------------------------
@@ -397,8 +558,10 @@ class TokenCounter:
 def fit(run: Run) -> Fit:
     t, world_size = run.cfg.train, process_count()
     global_batch = t.batch_size * t.grad_accum * world_size
-    steps = math.ceil(len(run.splits.train) / global_batch) * t.epochs
-    run.report.phase("training", f"{len(run.splits.train)} texts x {t.epochs:g} epochs, about {steps:.0f} steps; "
+    steps = planned_steps(run.cfg, len(run.splits.train))
+    epochs = steps / math.ceil(len(run.splits.train) / global_batch)
+    stopping = f", stopping early after {t.early_stopping_patience} evaluations without progress" if t.early_stopping_patience else ""
+    run.report.phase("training", f"{len(run.splits.train)} texts x {epochs:.3g} epochs, {steps} steps{stopping}; "
                                  f"global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
     run.report(f"processes: {world_size}; global batch {global_batch} ({t.batch_size} per process x {t.grad_accum} accumulation x {world_size}); lr {t.lr}")
     tokens = TokenCounter()
@@ -412,7 +575,7 @@ def fit(run: Run) -> Fit:
     resumed_step = checkpoint_step(run.checkpoint) if run.checkpoint else 0
     # Throughput counts training alone: the per-epoch evaluations are timed apart.
     evaluating = sum(e.get("eval_runtime", 0.0) for e in run.trainer.state.log_history if e.get("step", 0) > resumed_step)
-    return Fit(seconds, evaluating, resumed_step, tokens.real, tokens.padded)
+    return Fit(seconds, evaluating, resumed_step, tokens.real, tokens.padded, tokens.rows)
 
 
 # -- finalize ---------------------------------------------------------------------
@@ -425,7 +588,7 @@ def finalize(run: Run, fitted: Fit) -> RunResult:
     trained = probe_logits(run.trainer.model, run.tokenizer, run.splits, cfg)
     state, callbacks = run.trainer.state, run.trainer.callback_handler.callbacks
     run.trainer = run.model = None  # the checks load the model again: free the trained one first
-    gc.collect()
+    release_memory()
 
     report.phase("checking", "reloading the saved adapter (logits must match) and merging it layer by layer (float64)")
     base = load_classifier(run.model_path, run.splits.labels, run.tokenizer.pad_token_id, precision_dtype(run.precision), cfg.model, run.device)
@@ -433,7 +596,7 @@ def finalize(run: Run, fitted: Fit) -> RunResult:
     probe = lambda model: probe_logits(model, run.tokenizer, run.splits, cfg)  # noqa: E731
     parity = verify_saved_adapter(trained, reloaded, probe, reload_tolerance(run.precision, run.device))
     del base, reloaded
-    gc.collect()
+    release_memory()
 
     report.phase("evaluating", f"the saved run on {len(run.splits.test)} test texts, as `predict` loads it ({DEFAULT_PRECISION})")
     start = time.perf_counter()
@@ -442,18 +605,16 @@ def finalize(run: Run, fitted: Fit) -> RunResult:
         probs = classifier.probabilities([ex.text for ex in run.splits.test], progress=bar.update)
     eval_seconds = time.perf_counter() - start
     del classifier
-    gc.collect()
+    release_memory()
     lora = metrics_from_probs(run.splits.test, probs, run.splits.labels)
 
     metrics = assemble_metrics(run, fitted, state, lora, parity, adapter_dir, eval_seconds)
     report.phase("report", "report.md, report.html, plots and errors.jsonl")
     write_report(run.run_dir, metrics, run.splits.test, probs)
-    if "none" not in cfg.train.report_to:
-        from intentlora.tracking import finish_run
-
-        finish_run(callbacks, cfg.train.report_to, dataclasses.asdict(cfg), metrics, run.run_dir)
     write_card(run.run_dir, metrics, cfg)
     write_metrics(run.run_dir, metrics)  # last: from here on the run is finished
+    # After the files it uploads (README.md, metrics.json) exist; it only warns on failure.
+    finish_run(callbacks, cfg.train.report_to, dataclasses.asdict(cfg), metrics, run.run_dir)
     if not cfg.output.keep_checkpoints:
         remove_checkpoints(run.run_dir)
     report.phase("done", f"finished: {run.run_dir}")
@@ -480,7 +641,7 @@ def save_adapter(model, labels: list[str], run_dir: Path) -> Path:
 def probe_logits(model, tokenizer, splits: Splits, cfg: Config) -> torch.Tensor:
     """Logits on the first test texts: what a saved and reloaded adapter must reproduce."""
     probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
-    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, cfg.data.max_length, cfg.train.pad_to_max_length)
+    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, **inference_settings(cfg))
 
 
 def reload_tolerance(precision: str, device: torch.device) -> float:
@@ -512,8 +673,8 @@ def verify_saved_adapter(trained: torch.Tensor, reloaded, probe, tolerance: floa
 
 def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, adapter_dir: Path, eval_seconds: float) -> dict:
     cfg, t, world_size = run.cfg, run.cfg.train, process_count()
-    trained_here = 1 - fitted.resumed_step / max(state.global_step, 1)  # the share of training this process did
     training = max(fitted.seconds - fitted.evaluating, 1e-9)
+    weights = class_weights(run.splits.train, run.splits.labels, t.class_weights)
     lora = {**lora, "precision": resolve_precision(DEFAULT_PRECISION, run.device)}
     return {
         "labels": run.splits.labels,
@@ -523,7 +684,7 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
         "train": {
             "seconds": round(fitted.seconds, 2),
             "eval_during_training_s": round(fitted.evaluating, 2),
-            "samples_per_s": round(len(run.splits.train) * t.epochs * trained_here / training, 3),
+            "samples_per_s": round(fitted.rows * world_size / training, 3),  # texts trained on in this process's share
             # Counted on rank 0; the other processes see as many batches.
             "real_tokens_per_s": round(fitted.real_tokens * world_size / training, 1),
             "padded_tokens_per_s": round(fitted.padded_tokens * world_size / training, 1),
@@ -533,8 +694,13 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "precision": run.precision,
             "device": str(run.device),
-            "epochs": t.epochs,
+            "epochs": round(state.epoch or 0.0, 3),  # as trained: min_steps, max_steps and early stopping decide
+            "max_steps": state.max_steps,
+            "stopped_early": state.global_step < state.max_steps,
             "lr": t.lr,
+            "head_lr": t.head_lr if t.head_lr is not None else t.lr,
+            "head_init": cfg.lora.head_init,
+            "class_weights": dict(zip(run.splits.labels, weights.tolist())) if weights is not None else None,
             "processes": world_size,
             "global_batch_size": t.batch_size * t.grad_accum * world_size,
             "steps": state.global_step,
@@ -555,6 +721,16 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
             "warnings": [str(p) for p in run.splits.problems if p.severity != "error"],
         },
     }
+
+
+def release_memory() -> None:
+    """Free a model that is no longer used, and hand the freed heap back to the OS (glibc keeps it otherwise),
+    so the next phase's model does not stack on the last one's."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the memory is reused, just not returned
+        pass
 
 
 def peak_rss_mb() -> float:

@@ -86,6 +86,8 @@ def tiny_config(model: Path, train: Path, test: Path, output: Path, **overrides)
     values = {
         "model.name": str(model), "data.train": str(train), "data.test": str(test), "output.dir": str(output),
         "train.epochs": 2, "train.lr": 5e-3, "train.batch_size": 8, "train.precision": "fp32",
+        # Exactly `epochs` passes: the default step floor and early stopping are tested in test_recipe.py.
+        "train.min_steps": 0, "train.early_stopping_patience": None,
     }
     values.update(overrides)
     return load_config(None, values)

@@ -1,4 +1,5 @@
 import json
+import re
 import shutil
 
 import pytest
@@ -282,3 +283,64 @@ def test_remote_code_and_pickle_are_off_unless_asked_and_warned_when_on(tmp_path
     result = runner.invoke(app, ["train", "--trust-remote-code", "--allow-pickle", "--train", str(tmp_path / "none.jsonl")])
     assert_clean_exit(result, EXIT_INPUT)  # stops at the missing file, after the warnings
     assert "warning: trust_remote_code is on" in result.output and "warning: allow_pickle is on" in result.output
+
+
+def row_lines(output: str, path) -> list[str]:
+    """The FILE:LINE: lines of `path` in `output`."""
+    return [line for line in output.splitlines() if re.match(rf"{re.escape(str(path))}:\d+: ", line)]
+
+
+def other_label_set(tmp_path, rows: int = 3080):
+    """A file whose labels are not the bundled five: two new ones, and one row of a known label."""
+    return write_jsonl(tmp_path / "other.jsonl", [{"text": f"text {i}", "label": ["weather", "music"][i % 2]} for i in range(rows)]
+                       + [{"text": "查余额", "label": "balance"}])
+
+
+def test_validate_summarizes_another_label_set(tmp_path):
+    """Both label sets, rows per unknown label, the first 20 row lines and how many more; --all lists them all."""
+    other = other_label_set(tmp_path)
+    result = runner.invoke(app, ["validate", str(other), "--labels", ",".join(LABELS)])
+    assert_clean_exit(result, EXIT_INPUT)
+    for line in (f"{other}: 3,080 row(s) with a label outside --labels", f"  --labels (5): {', '.join(LABELS)}",
+                 f"  labels in {other} (3): balance, music, weather", "  rows per unknown label: 'weather' 1,540, 'music' 1,540",
+                 "... and 3,060 more (--all prints them)", "1 valid rows in 1 file(s), 3080 error(s), 0 warning(s)"):
+        assert line in result.output.splitlines(), line
+    assert row_lines(result.stdout, other) == [f"{other}:{n}: unknown label '{['weather', 'music'][(n - 1) % 2]}'" for n in range(1, 21)]
+    everything = runner.invoke(app, ["validate", str(other), "--labels", ",".join(LABELS), "--all"])
+    assert len(row_lines(everything.stdout, other)) == 3080 and "more" not in everything.stdout
+
+
+def test_train_summarizes_a_test_file_of_another_label_set(tmp_path, small_data):
+    """Refused before any model loads (the model path does not exist), with the training file's labels shown."""
+    train_file, _ = small_data
+    other = other_label_set(tmp_path)
+    result = runner.invoke(app, ["train", "--model", str(tmp_path / "no-model"), "--train", str(train_file), "--test", str(other),
+                                 "--output", str(tmp_path / "run")])
+    assert_clean_exit(result, EXIT_INPUT)
+    labels = sorted({json.loads(line)["label"] for line in train_file.read_text(encoding="utf-8").splitlines()})
+    lines = result.output.splitlines()
+    start = lines.index("error: 3,080 problem(s) in the data:")  # after the [data] phase line
+    assert lines[start + 1:start + 5] == [f"{other}: 3,080 row(s) with a label outside the training file's labels",
+                          f"  the training file's labels ({len(labels)}): {', '.join(labels)}",
+                          f"  labels in {other} (3): balance, music, weather", "  rows per unknown label: 'weather' 1,540, 'music' 1,540"]
+    assert len(row_lines(result.output, other)) == 20 and lines[-1] == "... and 3,060 more"
+
+
+def test_eval_and_calibrate_summarize_another_label_set(tiny_run, tmp_path):
+    """The header points at the label sets printed under it, never at text that is not there."""
+    other = other_label_set(tmp_path, rows=30)
+    labels = json.loads((tiny_run / "labels.json").read_text(encoding="utf-8"))
+    evaluated = runner.invoke(app, ["eval", "--adapter", str(tiny_run), "--data", str(other)])
+    assert_clean_exit(evaluated, EXIT_INPUT)
+    assert "see above" not in evaluated.output
+    lines = evaluated.output.splitlines()
+    start = lines.index("error: 30 problem(s) in the data:")
+    assert lines[start:start + 4] == ["error: 30 problem(s) in the data:", f"{other}: 30 row(s) with a label outside the model's labels",
+                         f"  the model's labels ({len(labels)}): {', '.join(labels)}", f"  labels in {other} (3): balance, music, weather"]
+    assert len(row_lines(evaluated.output, other)) == 20 and lines[-1] == "... and 10 more"
+
+    run = shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("checkpoints"))
+    calibrated = runner.invoke(app, ["calibrate", str(run), "--data", str(other)])
+    assert_clean_exit(calibrated, EXIT_INPUT)
+    assert f"{other}: 30 row(s) with a label outside the model's labels and the fallback label" in calibrated.output
+    assert "  rows per unknown label: 'weather' 15, 'music' 15" in calibrated.output and not (run / "calibration.json").exists()

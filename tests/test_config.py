@@ -22,6 +22,7 @@ def test_seed_config_reproduces_the_reference_recipe():
     assert cfg.lora.target_modules == ["q_proj", "v_proj"]
     assert (cfg.data.max_length, cfg.train.batch_size, cfg.train.epochs, cfg.train.lr) == (64, 1, 1, 2e-5)
     assert cfg.train.pad_to_max_length and cfg.train.precision == "fp32"
+    assert cfg.lora.head_init == "random" and cfg.train.min_steps == 0 and cfg.train.early_stopping_patience is None
 
 
 def test_cli_overrides_beat_the_file(tmp_path):
@@ -63,3 +64,27 @@ def test_parse_assignment_reads_yaml_values():
 
 def test_quickstart_yaml_matches_the_defaults():
     assert load_config(ROOT / "configs" / "quickstart.yaml") == load_config()
+
+
+RECIPE_KEYS = {
+    "data": ["prompt_template"],
+    "lora": ["head_init"],
+    "train": ["epochs", "min_steps", "max_steps", "early_stopping_patience", "lr", "head_lr", "loraplus_lr_ratio",
+              "linear_probe_steps", "class_weights"],
+}
+
+
+def test_quickstart_yaml_spells_out_the_recipe():
+    import yaml
+
+    spelled = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text(encoding="utf-8"))
+    for section, keys in RECIPE_KEYS.items():
+        missing = [key for key in keys if key not in spelled[section]]
+        assert not missing, f"configs/quickstart.yaml does not spell out {section}: {missing}"
+
+
+def test_recipe_values_from_the_command_line():
+    cfg = load_config(None, dict(parse_assignment(a) for a in (
+        "train.early_stopping_patience=none", "train.head_lr=1e-3", 'data.prompt_template="Q: {text}\\nA:"', "lora.head_init=label_words")))
+    assert cfg.train.early_stopping_patience is None and cfg.train.head_lr == 1e-3
+    assert cfg.data.prompt_template == "Q: {text}\nA:" and cfg.lora.head_init == "label_words"

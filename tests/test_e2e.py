@@ -21,7 +21,7 @@ def test_quickstart_model_trains_saves_and_merges(tmp_path, bundled_rows):
     run = tmp_path / "run"
     result = CliRunner().invoke(app, [
         "train", "--train", str(train_file), "--test", str(test_file), "--epochs", "1",
-        "--batch-size", "8", "--output", str(run), "--set", "data.valid_fraction=0",
+        "--batch-size", "8", "--output", str(run), "--set", "data.valid_fraction=0", "--set", "train.min_steps=0",
     ])
     assert result.exit_code == 0, result.output
     metrics = json.loads((run / "metrics.json").read_text())

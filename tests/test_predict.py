@@ -51,23 +51,25 @@ def test_bf16_keeps_the_head_fp32_and_stays_close_to_fp32(classifier, tiny_run, 
     assert_same(fast.predict(TEXTS, top_k=5), classifier.predict(TEXTS, top_k=5), tol=0.05)
 
 
-def test_padding_to_max_length_changes_the_shapes_not_the_logits(classifier):
+def test_packing_and_padding_to_max_length_change_the_shapes_not_the_logits(classifier):
     import torch
 
-    from intentlora.inference import batched_logits
+    from intentlora.inference import batched_logits, classifier_of, encode
 
     model, tokenizer = classifier._model, classifier._tokenizer
-    widths = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    shapes = []
+    inner = classifier_of(model).model  # the transformer both paths run
+    hook = inner.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple((args or [kwargs["input_ids"]])[0].shape)), with_kwargs=True)
     try:
-        dynamic = batched_logits(model, tokenizer, TEXTS, batch_size=2, max_length=48)
-        assert max(widths) < 48
-        widths.clear()
+        packed = batched_logits(model, tokenizer, TEXTS, batch_size=2, max_length=48)
+        # no padding: each batch of 2 texts runs as one sequence of their real tokens
+        assert [rows for rows, _ in shapes] == [1, 1, 1] and sum(width for _, width in shapes) == sum(map(len, encode(tokenizer, TEXTS, 48)))
+        shapes.clear()
         padded = batched_logits(model, tokenizer, TEXTS, batch_size=2, max_length=48, pad_to_max_length=True)
-        assert set(widths) == {48}
+        assert shapes == [(2, 48)] * 3
     finally:
         hook.remove()
-    torch.testing.assert_close(padded, dynamic, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(padded, packed, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 64])
@@ -150,6 +152,20 @@ def test_calibration_reaches_its_target_and_is_read_back(tiny_run, tmp_path, bun
     assert sum(p.label == g for p, g in kept) / len(kept) >= target
     overridden = IntentClassifier.from_pretrained(run, threshold=0.0).predict(texts)
     assert not any(p.fallback for p in overridden)
+
+
+def test_calibration_keeps_its_precision_and_warns_when_used_in_another(tiny_run, tmp_path, bundled_rows, recwarn):
+    run = copy_run(tiny_run, tmp_path)
+    data = write_jsonl(tmp_path / "valid.jsonl", bundled_rows["test"][25:85])
+    result = calibrate(IntentClassifier.from_pretrained(run, dtype="bf16"), data, 0.0)
+    assert result["model_precision"] == "bf16"
+    write_calibration(run, result)
+    IntentClassifier.from_pretrained(run, dtype="bf16")
+    assert not [w for w in recwarn if "calibration.json" in str(w.message)]
+    with pytest.warns(UserWarning, match=r"picked in bf16, this model runs in fp32"):
+        IntentClassifier.from_pretrained(run, dtype="fp32")
+    IntentClassifier.from_pretrained(run, dtype="fp32", threshold=0.5)  # an explicit threshold is the caller's choice
+    assert not [w for w in recwarn if "calibration.json" in str(w.message)]
 
 
 def test_calibration_says_when_the_target_is_out_of_reach(classifier, tmp_path, bundled_rows):

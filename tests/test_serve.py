@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 import socket
 import threading
 import time
@@ -24,21 +27,27 @@ KEY = "s3cret-key"
 
 
 class Recording:
-    """Wraps a classifier: records each batch's size, and fails any batch holding the text 'boom'."""
+    """Wraps a classifier: records each batch's size, fails any batch holding the text 'boom', waits while `gate` is closed."""
 
     def __init__(self, classifier: IntentClassifier) -> None:
         self.classifier = classifier
         self.models = classifier.models
         self.batch_sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
 
     def labels(self, model: str | None = None) -> list[str]:
         return self.classifier.labels(model)
 
-    def predict(self, texts: list[str], top_k: int = 1, model: str | None = None):
+    def probabilities(self, texts: list[str], model: str | None = None):
         self.batch_sizes.append(len(texts))
+        self.gate.wait(30)
         if "boom" in texts:
-            raise RuntimeError("the model broke")
-        return self.classifier.predict(texts, top_k=top_k, model=model)
+            raise RuntimeError("the model broke at /secret/path")
+        return self.classifier.probabilities(texts, model=model)
+
+    def predictions(self, probs, top_k: int = 1, model: str | None = None):
+        return self.classifier.predictions(probs, top_k, model)
 
 
 @pytest.fixture(scope="module")
@@ -123,16 +132,38 @@ def test_api_key_guards_everything_but_healthz(client):
     assert client.get("/v1/models").status_code == 200  # X-API-Key from the client fixture
 
 
-def test_a_model_error_is_a_500_and_the_service_keeps_going(client):
-    response = client.post("/v1/classify", json={"texts": ["查余额", "boom"]})
-    assert response.status_code == 500 and response.json()["detail"] == "prediction failed: RuntimeError: the model broke"
+def test_a_model_error_is_a_500_with_an_id_and_the_service_keeps_going(client, caplog):
+    with caplog.at_level(logging.ERROR, logger="intentlora.serve"):
+        response = client.post("/v1/classify", json={"texts": ["查余额", "boom"]})
+    assert response.status_code == 500
+    detail = response.json()["detail"]
+    assert "secret" not in detail and "RuntimeError" not in detail, "internal details must stay in the log"
+    error_id = re.search(r"error id ([0-9a-f]{12})", detail).group(1)
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert logged and "the model broke at /secret/path" in str(logged[0].exc_info[1])
     assert client.post("/v1/classify", json={"texts": ["查余额"]}).status_code == 200
+
+
+def test_a_body_without_content_type_is_taken_as_json(client):
+    body = json.dumps({"texts": ["查余额"]}).encode()
+    for request in (client.build_request("POST", "/v1/classify", content=body), client.build_request("POST", "/v1/classify", content=body, headers={"Content-Type": ""})):
+        request.headers.pop("Content-Type", None) if request.headers.get("Content-Type") else None
+        assert not request.headers.get("Content-Type")
+        response = client.send(request)
+        assert response.status_code == 200, response.text
+        assert response.json()["predictions"][0]["label"] in client.get("/v1/models").json()["models"][0]["labels"]
+
+
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded"])
+def test_a_body_that_says_it_is_not_json_gets_415_saying_what_to_send(client, content_type):
+    response = client.post("/v1/classify", content=b'{"texts": ["x"]}', headers={"Content-Type": content_type})
+    assert response.status_code == 415 and "Content-Type: application/json" in response.json()["detail"]
 
 
 @contextmanager
 def running_server(app):
     """A real uvicorn server on a free port, in a thread."""
-    sock = socket.socket()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # TCP, so asyncio sets TCP_NODELAY: no 40 ms delayed ACKs
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
@@ -189,6 +220,54 @@ def test_50_clients_x_20_requests_on_a_real_server(classifier, texts):
         assert same_predictions(response.json()["predictions"], [expected[model][t] for t in sent])
     assert max(recording.batch_sizes) > 3, "concurrent requests were never batched together"
     assert max(recording.batch_sizes) < 32 + 3
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(classifier):
+    """The worker is stuck on one request; 2 more texts fill the queue (max_queue=2); the next is refused at once."""
+    recording = Recording(classifier)
+    recording.gate.clear()
+
+    async def scenario(base_url: str):
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            running = asyncio.create_task(http.post("/v1/classify", json={"texts": ["查余额"]}))
+            while not recording.batch_sizes:  # the first request is in the worker
+                await asyncio.sleep(0.01)
+            queued = asyncio.create_task(http.post("/v1/classify", json={"texts": ["查余额", "我的卡丢了"]}))
+            await asyncio.sleep(0.2)
+            started = time.monotonic()
+            refused = await http.post("/v1/classify", json={"texts": ["转账"]})
+            refused_after = time.monotonic() - started
+            recording.gate.set()
+            return await running, await queued, refused, refused_after
+
+    with running_server(build_app(recording, max_queue=2, max_wait_ms=0)) as base_url:
+        running, queued, refused, refused_after = asyncio.run(scenario(base_url))
+    assert refused.status_code == 503 and "queue is full" in refused.json()["detail"]
+    assert int(refused.headers["Retry-After"]) >= 1 and refused_after < 5
+    assert running.status_code == 200 and queued.status_code == 200  # the queued request was not lost
+    assert len(queued.json()["predictions"]) == 2
+
+
+def test_a_request_past_its_timeout_gets_503_and_never_runs(classifier):
+    recording = Recording(classifier)
+    recording.gate.clear()
+
+    async def scenario(base_url: str):
+        async with httpx.AsyncClient(base_url=base_url, timeout=60) as http:
+            running = asyncio.create_task(http.post("/v1/classify", json={"texts": ["查余额"]}))
+            while not recording.batch_sizes:
+                await asyncio.sleep(0.01)
+            waiting = await http.post("/v1/classify", json={"texts": ["我的卡丢了", "转账"]})  # stuck behind the first
+            recording.gate.set()
+            return waiting, await running
+
+    with running_server(build_app(recording, timeout_s=0.3, max_wait_ms=0)) as base_url:
+        waiting, running = asyncio.run(scenario(base_url))
+        assert waiting.status_code == 503 and "no answer within 0.3 s" in waiting.json()["detail"]
+        assert "Retry-After" in waiting.headers
+        assert running.status_code == 503  # the stuck one timed out too
+        assert httpx.post(f"{base_url}/v1/classify", json={"texts": ["查余额"]}).status_code == 200
+    assert 2 not in recording.batch_sizes, "the timed-out request must not be run after its client gave up"
 
 
 def test_cli_serve_builds_the_service(monkeypatch, tiny_run, tiny_run_3labels):
