@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
 from pathlib import Path
 
 import matplotlib
@@ -23,7 +22,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from intentlora.data import Example  # noqa: E402
 from intentlora.evaluate import misclassified  # noqa: E402
-from intentlora.files import write_text_atomic  # noqa: E402
+from intentlora.files import atomic_file, write_text_atomic  # noqa: E402
 
 PLOTS = ("confusion_matrix.png", "training_curves.png", "confidence_histogram.png")
 
@@ -269,7 +268,6 @@ def confidence_histogram_figure(confidences: list[float], correct: list[bool], t
 
 def save_figure(fig, path: Path) -> None:
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")  # the legend below the axes stays in the picture
+    with atomic_file(path, "wb") as f:  # never a truncated PNG
+        fig.savefig(f, format="png", dpi=110, bbox_inches="tight")  # the legend below the axes stays in the picture
     plt.close(fig)
-    os.replace(tmp, path)  # never a truncated PNG

@@ -607,6 +607,8 @@ def finalize(run: Run, fitted: Fit) -> RunResult:
     del classifier
     release_memory()
     lora = metrics_from_probs(run.splits.test, probs, run.splits.labels)
+    if lora["absent_labels"]:
+        report.warning(f"labels neither in the test set nor predicted, left out of macro-F1: {', '.join(lora['absent_labels'])}")
 
     metrics = assemble_metrics(run, fitted, state, lora, parity, adapter_dir, eval_seconds)
     report.phase("report", "report.md, report.html, plots and errors.jsonl")
