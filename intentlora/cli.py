@@ -154,10 +154,7 @@ def train(
         "train.linear_probe_steps": linear_probe_steps, "train.class_weights": class_weights,
     }
     try:
-        for assignment in set_ or []:
-            key, value = parse_assignment(assignment)
-            overrides[key] = value
-        cfg = load_config(config, overrides)
+        cfg = load_config(config, overrides, [parse_assignment(assignment) for assignment in set_ or []])
     except (ConfigError, OSError) as e:
         _fail(str(e))
     if resume and not cfg.output.dir:

@@ -143,8 +143,10 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the YAML file, then `overrides` ({"train.lr": 1e-4, ...})."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                assignments: list[tuple[str, Any]] | None = None) -> Config:
+    """Defaults, then the YAML file, then `overrides` ({"train.lr": 1e-4, ...}; None: not given), then
+    `assignments` ([("train.max_steps", None), ...] from --set, where None is a value: `key=null` clears a setting)."""
     config = Config()
     if path is not None:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
@@ -158,6 +160,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         if value is not None:
             set_value(config, dotted, value)
+    for dotted, value in assignments or []:
+        set_value(config, dotted, value, source="--set")
     return config
 
 
@@ -182,7 +186,10 @@ def parse_assignment(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep:
         raise ConfigError(f"--set expects section.key=value, got {text!r}")
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {key.strip()}: the value is not valid YAML ({err.problem}); quote it, e.g. {key.strip()}='...'") from None
 
 
 def save_config(config: Config, path: Path) -> None:

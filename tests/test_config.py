@@ -88,3 +88,13 @@ def test_recipe_values_from_the_command_line():
         "train.early_stopping_patience=none", "train.head_lr=1e-3", 'data.prompt_template="Q: {text}\\nA:"', "lora.head_init=label_words")))
     assert cfg.train.early_stopping_patience is None and cfg.train.head_lr == 1e-3
     assert cfg.data.prompt_template == "Q: {text}\nA:" and cfg.lora.head_init == "label_words"
+
+
+def test_set_null_clears_a_setting_that_has_a_default():
+    """`--set train.early_stopping_patience=null` means none, not "not given" (which keeps the default)."""
+    from intentlora.config import Config
+
+    assert Config().train.early_stopping_patience is not None
+    cfg = load_config(None, {"train.early_stopping_patience": None}, [parse_assignment("train.early_stopping_patience=null")])
+    assert cfg.train.early_stopping_patience is None
+    assert load_config(None, {"train.early_stopping_patience": None}).train.early_stopping_patience == Config().train.early_stopping_patience
