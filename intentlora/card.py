@@ -234,6 +234,10 @@ def usage_section(metrics: dict, config: dict, merged: bool) -> str:
     labels = metrics["labels"]
     base = config["model"]["name"]
     max_length = config.get("data", {}).get("max_length")
+    template = config.get("data", {}).get("prompt_template")
+    # Outside intentlora the client wraps each text in the run's prompt template itself (long texts: see the README's vLLM section).
+    template_line = f"template = {json.dumps(template, ensure_ascii=False)}  # the run's data.prompt_template\n" if template else ""
+    text_expr = 'template.replace("{text}", "...")' if template else '"..."'
     intentlora_code = (
         f"```python\nfrom huggingface_hub import snapshot_download\nfrom intentlora import IntentClassifier\n\n{DOWNLOAD_LINE}\n"
         'clf = IntentClassifier.from_pretrained(path)\n'
@@ -242,8 +246,8 @@ def usage_section(metrics: dict, config: dict, merged: bool) -> str:
     if merged:
         rest = (
             "With transformers alone:\n\n```python\nfrom huggingface_hub import snapshot_download\nfrom transformers import pipeline\n\n"
-            f'{DOWNLOAD_LINE}\nclassify = pipeline("text-classification", model=path, truncation=True)\n'
-            'print(classify("...", top_k=3))\n```\n\n'
+            f'{DOWNLOAD_LINE}\n{template_line}classify = pipeline("text-classification", model=path, truncation=True)\n'
+            f'print(classify({text_expr}, top_k=3))\n```\n\n'
             "With vLLM (its pooling runner; not tested by intentlora):\n\n"
             f"```bash\nvllm serve {REPO_PLACEHOLDER} --runner pooling\n```"
         )
@@ -262,7 +266,7 @@ def usage_section(metrics: dict, config: dict, merged: bool) -> str:
         "    base_path, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})\n"
         "base.config.pad_token_id = tokenizer.pad_token_id\n"
         'model = PeftModel.from_pretrained(base, path, subfolder="adapter").eval()\n'
-        f'batch = tokenizer(["..."], truncation=True, max_length={max_length}, return_tensors="pt")\n'
+        f'{template_line}batch = tokenizer([{text_expr}], truncation=True, max_length={max_length}, return_tensors="pt")\n'
         "with torch.no_grad():\n    print(labels[model(**batch).logits.argmax(-1).item()])\n```"
     )
     return (

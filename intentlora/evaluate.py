@@ -44,7 +44,8 @@ def metrics_from_probs(examples: list[Example], probs: torch.Tensor, labels: lis
 def evaluate_model(model, tokenizer, examples: list[Example], labels: list[str], batch_size: int = DEFAULT_BATCH_SIZE,
                    max_length: int = 128, pad_to_max_length: bool = False) -> tuple[dict, torch.Tensor]:
     """Metrics and the class probabilities behind them, rows in the order of `examples`."""
-    probs = batched_logits(model, tokenizer, [ex.text for ex in examples], batch_size, max_length, pad_to_max_length).softmax(-1)
+    probs = batched_logits(model, tokenizer, [ex.text for ex in examples], batch_size=batch_size, max_length=max_length,
+                           pad_to_max_length=pad_to_max_length).softmax(-1)
     return metrics_from_probs(examples, probs, labels), probs
 
 

@@ -65,8 +65,36 @@ def autocast_for(model: torch.nn.Module):
 
 
 @torch.inference_mode()
-def batched_logits(
-    model,
+def batched_logits(model, tokenizer, texts: list[str], **options) -> torch.Tensor:
+    """fp32 logits of shape (len(texts), num_labels) on the CPU, in the order of `texts`.
+
+    `options` are those of `logits_in_batches`: texts are tokenized in one
+    call and run sorted by length, so a batch pads to its own longest text; a
+    batch holds at most `batch_size` texts and `max_tokens` padded tokens.
+    Decoder classifiers that read the last token (Qwen2, Llama, ...) skip
+    padding altogether: the batch's texts run packed in one sequence
+    (`packed_logits`). `pad_to_max_length` pads all to `max_length` (only to
+    reproduce the reference). `prompt_template` ("...{text}...") wraps each
+    text as the run trained on it. `progress(n)` is called after each batch
+    with its number of texts.
+    """
+    model.eval()
+    if not texts:
+        return torch.empty(0, model.config.num_labels)
+    device = model_device(model)
+    packable = can_pack(model)
+
+    def forward(batch: list[list[int]], pad_to: int | None) -> torch.Tensor:
+        if packable and pad_to is None:
+            return packed_logits(model, batch, device).float().cpu()
+        return model(**pad_batch(tokenizer, batch, "pt", pad_to).to(device)).logits.float().cpu()
+
+    with autocast_for(model):
+        return logits_in_batches(forward, tokenizer, texts, **options)
+
+
+def logits_in_batches(
+    forward,
     tokenizer,
     texts: list[str],
     batch_size: int = DEFAULT_BATCH_SIZE,
@@ -76,38 +104,27 @@ def batched_logits(
     prompt_template: str | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS,
 ) -> torch.Tensor:
-    """fp32 logits of shape (len(texts), num_labels) on the CPU, in the order of `texts`.
-
-    Texts are tokenized in one call and run sorted by length, so a batch pads
-    to its own longest text; a batch holds at most `batch_size` texts and
-    `max_tokens` padded tokens (`length_batches`). Decoder classifiers that
-    read the last token (Qwen2, Llama, ...) skip padding altogether: the
-    batch's texts run packed in one sequence (`packed_logits`). `pad_to_max_length` pads
-    all to `max_length` (only to reproduce the reference). `prompt_template`
-    ("...{text}...") wraps each text as the run trained on it. `progress(n)`
-    is called after each batch with its number of texts.
-    """
-    model.eval()
-    if not texts:
-        return torch.empty(0, model.config.num_labels)
-    device = model_device(model)
+    """The batch loop of every backend (torch here, ONNX Runtime in `onnx_export`): texts encoded in one call, run in
+    length-sorted batches of at most `batch_size` texts and `max_tokens` tokens; `forward(token_id_lists, pad_to)`
+    returns a batch's fp32 CPU logits (`pad_to`: a length to pad to, or None for the batch's longest), put back in
+    the order of `texts`."""
     encoded = encode(tokenizer, texts, max_length, prompt_template)
+    pad_to = max_length if pad_to_max_length else None
     out = None  # sized by the first batch: with several adapters the active head knows the label count, not model.config
-    padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
-    packed = not pad_to_max_length and can_pack(model)
-    with autocast_for(model):
-        for rows in length_batches([len(ids) for ids in encoded], batch_size, None if pad_to_max_length else max_tokens):
-            if packed:
-                logits = packed_logits(model, [encoded[i] for i in rows], device).float().cpu()
-            else:
-                batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="pt", **padding).to(device)
-                logits = model(**batch).logits.float().cpu()
-            if out is None:
-                out = torch.empty(len(texts), logits.shape[-1])
-            out[rows] = logits
-            if progress is not None:
-                progress(len(rows))
-    return out
+    for rows in length_batches([len(ids) for ids in encoded], batch_size, None if pad_to_max_length else max_tokens):
+        logits = forward([encoded[i] for i in rows], pad_to)
+        if out is None:
+            out = torch.empty(len(texts), logits.shape[-1])
+        out[rows] = logits
+        if progress is not None:
+            progress(len(rows))
+    return out if out is not None else torch.empty(0, 0)
+
+
+def pad_batch(tokenizer, batch: list[list[int]], tensors: str, max_length: int | None = None):
+    """input_ids and attention_mask padded to the batch's longest text, or to `max_length` when given (the reference)."""
+    padding = {"padding": "max_length", "max_length": max_length} if max_length else {}
+    return tokenizer.pad({"input_ids": batch}, return_tensors=tensors, **padding)
 
 
 def classifier_of(model):

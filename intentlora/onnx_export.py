@@ -5,7 +5,7 @@ labels.json, the tokenizer, intentlora.json with the run's inference
 settings, calibration.json) plus model.onnx, whose presence makes
 `IntentClassifier.from_pretrained` choose this backend. Texts go through the
 same tokenization, length sorting and batching as the torch path
-(`inference.encode`, `inference.length_batches`), so only the forward differs.
+(one loop, `inference.logits_in_batches`), so only the forward differs.
 
 Optimum's ONNX exporter (optimum-onnx 0.1) requires transformers < 4.58, so
 the merged model is exported with torch.onnx's TorchScript exporter (eager
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from intentlora.inference import DEFAULT_BATCH_SIZE, DEFAULT_MAX_TOKENS, encode, length_batches
+from intentlora.inference import logits_in_batches, pad_batch
 
 ONNX_FILE = "model.onnx"
 ONNX_INFO_FILE = "onnx.json"  # how the graph was made: quantization, opset
@@ -168,31 +168,15 @@ class OnnxModel:
         info = folder / ONNX_INFO_FILE
         self.quantize = json.loads(info.read_text(encoding="utf-8")).get("quantize") if info.is_file() else None
 
-    def logits(
-        self,
-        tokenizer,
-        texts: list[str],
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_length: int = 128,
-        pad_to_max_length: bool = False,
-        progress=None,
-        prompt_template: str | None = None,
-        max_tokens: int | None = DEFAULT_MAX_TOKENS,
-    ) -> torch.Tensor:
-        """`inference.batched_logits` with this session as the forward: same arguments, same batches."""
-        encoded = encode(tokenizer, texts, max_length, prompt_template)
-        padding = {"padding": "max_length", "max_length": max_length} if pad_to_max_length else {}
-        out = None
-        for rows in length_batches([len(ids) for ids in encoded], batch_size, None if pad_to_max_length else max_tokens):
-            batch = tokenizer.pad({"input_ids": [encoded[i] for i in rows]}, return_tensors="np", **padding)
-            logits = self.session.run(["logits"], {"input_ids": batch["input_ids"].astype("int64"),
-                                                   "attention_mask": batch["attention_mask"].astype("int64")})[0]
-            if out is None:
-                out = torch.empty(len(texts), logits.shape[-1])
-            out[rows] = torch.from_numpy(logits).float()
-            if progress is not None:
-                progress(len(rows))
-        return out if out is not None else torch.empty(0, 0)
+    def logits(self, tokenizer, texts: list[str], **options) -> torch.Tensor:
+        """`inference.batched_logits` with this session as the forward: same options, same batches."""
+
+        def forward(batch: list[list[int]], pad_to: int | None) -> torch.Tensor:
+            inputs = pad_batch(tokenizer, batch, "np", pad_to)
+            feed = {"input_ids": inputs["input_ids"].astype("int64"), "attention_mask": inputs["attention_mask"].astype("int64")}
+            return torch.from_numpy(self.session.run(["logits"], feed)[0]).float()
+
+        return logits_in_batches(forward, tokenizer, texts, **options)
 
 
 def load_onnx(path: Path):

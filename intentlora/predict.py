@@ -180,7 +180,7 @@ class IntentClassifier:
                 self._model.set_adapter(route.adapter, inference_mode=True)
                 self._active = route.adapter
             forward = self._model.logits if isinstance(self._model, OnnxModel) else partial(batched_logits, self._model)
-            logits = forward(self._tokenizer, list(texts), self.batch_size, progress=progress, **route.settings)
+            logits = forward(self._tokenizer, list(texts), batch_size=self.batch_size, progress=progress, **route.settings)
         return logits.softmax(-1)
 
     def _route(self, model: str | None) -> _Route:

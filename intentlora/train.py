@@ -274,7 +274,7 @@ def count_truncated(tokenizer, texts: list[str], cfg: Config) -> int:
 
 
 def evaluate(model, tokenizer, examples: list[Example], labels: list[str], cfg: Config) -> tuple[dict, torch.Tensor]:
-    logits = batched_logits(model, tokenizer, [ex.text for ex in examples], cfg.train.eval_batch_size, **inference_settings(cfg))
+    logits = batched_logits(model, tokenizer, [ex.text for ex in examples], batch_size=cfg.train.eval_batch_size, **inference_settings(cfg))
     probs = logits.softmax(-1)
     return metrics_from_probs(examples, probs, labels), probs
 
@@ -643,7 +643,7 @@ def save_adapter(model, labels: list[str], run_dir: Path) -> Path:
 def probe_logits(model, tokenizer, splits: Splits, cfg: Config) -> torch.Tensor:
     """Logits on the first test texts: what a saved and reloaded adapter must reproduce."""
     probe = [ex.text for ex in splits.test[:PARITY_PROBE]]
-    return batched_logits(model, tokenizer, probe, cfg.train.eval_batch_size, **inference_settings(cfg))
+    return batched_logits(model, tokenizer, probe, batch_size=cfg.train.eval_batch_size, **inference_settings(cfg))
 
 
 def reload_tolerance(precision: str, device: torch.device) -> float:

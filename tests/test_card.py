@@ -82,6 +82,19 @@ def test_run_card_snippets_predict_what_intentlora_predicts(tiny_run, tmp_path):
     assert run_snippet(snippets[1], run, text).strip() == expected
 
 
+def test_plain_peft_snippet_applies_the_runs_prompt_template(tiny_run, tmp_path):
+    """With data.prompt_template, the PEFT snippet wraps the text as intentlora does, and predicts what it predicts."""
+    run = run_copy(tiny_run, tmp_path)
+    metrics, config = metrics_and_config(run)
+    config["data"]["prompt_template"] = "消息：{text}\n意图："
+    (run / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    peft_snippet = python_snippets(write_model_card(run, metrics, config, merged=False).read_text(encoding="utf-8"))[1]
+    assert 'template = "消息：{text}\\n意图："' in peft_snippet
+    for text in ("我的卡丢了", "查一下余额", "退款什么时候到"):
+        expected = IntentClassifier.from_pretrained(run).predict([text])[0].label
+        assert run_snippet(peft_snippet, run, text).strip() == expected
+
+
 def test_export_card_is_a_transformers_model_whose_pipeline_snippet_runs(tiny_run, tiny_export, tmp_path):
     export = Path(shutil.copytree(tiny_export, tmp_path / "export"))
     metrics, config = metrics_and_config(tiny_run)
