@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,15 +105,32 @@ def build_dataset(name: str, folder: Path, test_per_intent: int, smoke: bool) ->
     return {"train": write_rows(folder / "train.jsonl", train), "test": write_rows(folder / "test.jsonl", test)}
 
 
-def tfidf(files: dict) -> dict:
-    from intentlora.data import load_file
+def tfidf(files: dict, valid_fraction: float = 0.0, seed: int = 0) -> dict:
+    """TF-IDF on the whole training file, or (valid_fraction > 0) on the part a LoRA run with this seed trains on."""
+    from intentlora.data import load_file, stratified_split
     from intentlora.evaluate import tfidf_baseline
 
     train, test = load_file(files["train"]).examples, load_file(files["test"]).examples
     labels = sorted({ex.label for ex in train})
+    if valid_fraction > 0:
+        train, _ = stratified_split(train, valid_fraction, seed)  # as `train` splits off its validation set
     start = time.perf_counter()
     m = tfidf_baseline(train, [ex for ex in test if ex.label in labels], labels)
     return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "seconds": round(time.perf_counter() - start, 2)}
+
+
+def reusable(out: Path, args: argparse.Namespace) -> bool:
+    """A finished run under --keep with the same model and every --set value: its figures are taken, not trained again."""
+    from intentlora.config import load_config, parse_assignment
+
+    if not (out / "metrics.json").is_file():
+        return False
+    saved, wanted = load_config(out / "config.yaml"), load_config(None, assignments=[parse_assignment(a) for a in args.set])
+    same = all(
+        getattr(getattr(saved, section), key) == getattr(getattr(wanted, section), key)
+        for section, key in (dotted.split(".", 1) for dotted, _ in (parse_assignment(a) for a in args.set))
+    )
+    return same and saved.model.name == args.model
 
 
 def train_once(files: dict, seed: int, args: argparse.Namespace, out: Path) -> dict:
@@ -123,17 +141,25 @@ def train_once(files: dict, seed: int, args: argparse.Namespace, out: Path) -> d
     command += [item for assignment in args.set for item in ("--set", assignment)]
     if args.lock:  # one heavy job at a time on a shared machine
         command = ["flock", args.lock, *command]
-    print("$", " ".join(command), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    log = out.parent / f"{out.name}.log"
-    with log.open("w", encoding="utf-8") as sink:
-        done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        raise SystemExit(f"training failed ({done.returncode}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
+    if reusable(out, args):
+        print(f"reusing {out} (finished, same settings)", flush=True)
+    else:
+        print("$", " ".join(command), flush=True)
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        log = out.parent / f"{out.name}.log"
+        with log.open("w", encoding="utf-8") as sink:
+            done = subprocess.run(command, stdout=sink, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            raise SystemExit(f"training failed ({done.returncode}); last lines of {log}:\n" + "\n".join(log.read_text().splitlines()[-20:]))
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     t, lora = metrics["train"], metrics["lora"]
+    from intentlora.config import load_config
+
+    paired = tfidf(files, load_config(out / "config.yaml").data.valid_fraction, seed)
     return {
         "seed": seed, "macro_f1": lora["macro_f1"], "accuracy": lora["accuracy"],
+        "tfidf_same_split_macro_f1": paired["macro_f1"],
         "per_class_f1": {label: round(c["f1"], 4) for label, c in lora["per_class"].items()},
         "train_seconds": t["seconds"], "samples_per_s": t["samples_per_s"], "steps": t["steps"],
         "real_tokens_per_s": t["real_tokens_per_s"], "n_train": metrics["data"]["train"], "n_valid": metrics["data"]["valid"],
@@ -154,6 +180,9 @@ def summarise(name: str, runs: list[dict], baseline: dict) -> dict:
         "lora_macro_f1": f1, "lora_accuracy": mean_std([r["accuracy"] for r in runs]),
         "tfidf_macro_f1": baseline["macro_f1"], "tfidf_accuracy": baseline["accuracy"],
         "lora_minus_tfidf_macro_f1": f1["mean"] - baseline["macro_f1"],
+        # paired: each seed's LoRA against TF-IDF fitted on the very texts that run trained on (its validation part held out too)
+        "tfidf_same_split_macro_f1": mean_std([r["tfidf_same_split_macro_f1"] for r in runs]),
+        "lora_minus_tfidf_same_split": mean_std([r["macro_f1"] - r["tfidf_same_split_macro_f1"] for r in runs]),
         "train_seconds": mean_std([r["train_seconds"] for r in runs]),
         "samples_per_s": mean_std([r["samples_per_s"] for r in runs]), "runs": runs,
         "zero_shot_macro_f1": runs[0]["zero_shot_macro_f1"],  # no training, so the same for every seed
@@ -167,14 +196,16 @@ def pm(stat: dict, scale: float = 100) -> str:
 def table(rows: list[dict]) -> str:
     zero_shot = any(r["zero_shot_macro_f1"] is not None for r in rows)
     lines = ["| dataset | train / valid / test | labels | LoRA macro-F1 | LoRA acc | TF-IDF macro-F1 | TF-IDF acc | LoRA − TF-IDF | "
-             + ("zero-shot macro-F1 | " if zero_shot else "") + "train s | samples/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if zero_shot else "") + "---:|---:|"]
+             "TF-IDF on LoRA's split | LoRA − it, paired | " + ("zero-shot macro-F1 | " if zero_shot else "") + "train s | samples/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if zero_shot else "") + "---:|---:|"]
     for r in rows:
         shot = (f"{100 * r['zero_shot_macro_f1']:.1f} | " if r["zero_shot_macro_f1"] is not None else "– | ") if zero_shot else ""
         lines.append(
             f"| {r['dataset']} | {r['n_train']} / {r['n_valid']} / {r['n_test']} | {r['labels']} | {pm(r['lora_macro_f1'])} | "
             f"{pm(r['lora_accuracy'])} | {100 * r['tfidf_macro_f1']:.1f} | {100 * r['tfidf_accuracy']:.1f} | "
-            f"{100 * r['lora_minus_tfidf_macro_f1']:+.1f} | {shot}{r['train_seconds']['mean']:.0f} | {r['samples_per_s']['mean']:.2f} |"
+            f"{100 * r['lora_minus_tfidf_macro_f1']:+.1f} | {pm(r['tfidf_same_split_macro_f1'])} | "
+            f"{100 * r['lora_minus_tfidf_same_split']['mean']:+.1f} ± {100 * r['lora_minus_tfidf_same_split']['std']:.1f} | "
+            f"{shot}{r['train_seconds']['mean']:.0f} | {r['samples_per_s']['mean']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -188,7 +219,8 @@ def main() -> None:
     parser.add_argument("--test-per-intent", type=int, default=TEST_PER_INTENT, help="BANKING77 / CLINC test texts per intent")
     parser.add_argument("--lock", default=os.environ.get("INTENTLORA_HEAVY_LOCK"), help="flock this file around each training")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    parser.add_argument("--keep", type=Path, default=None, help="keep data subsets, runs and logs in this folder")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep data subsets, runs and logs in this folder; finished runs there with the same settings are reused")
     parser.add_argument("--zero-shot", action="store_true", help="also score the instruct model zero-shot (slow with many labels)")
     parser.add_argument("--smoke", action="store_true", help="tiny random model, three labels, a few rows: checks the script runs")
     args = parser.parse_args()

@@ -63,7 +63,7 @@ def test_bench_quality_smoke(tmp_path):
 
     out = tmp_path / "quality.json"
     command = [sys.executable, str(ROOT / "benchmarks" / "bench_quality.py"), "--smoke", "--datasets", "bank_zh",
-               "--seeds", "1,2", "--json", str(out), "--set", "train.min_steps=3"]
+               "--seeds", "1,2", "--json", str(out), "--keep", str(tmp_path / "keep"), "--set", "train.min_steps=3"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -77,3 +77,13 @@ def test_bench_quality_smoke(tmp_path):
     assert 0 <= row["tfidf_macro_f1"] <= 1
     assert row["lora_minus_tfidf_macro_f1"] == pytest.approx(row["lora_macro_f1"]["mean"] - row["tfidf_macro_f1"])
     assert "| bank_zh | " in result.stdout and "LoRA − TF-IDF" in result.stdout
+    paired = [run["macro_f1"] - run["tfidf_same_split_macro_f1"] for run in row["runs"]]
+    assert row["lora_minus_tfidf_same_split"]["mean"] == pytest.approx(sum(paired) / 2)
+
+    # --keep: the same command reuses the finished runs; another --set value trains again
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("reusing ") == 2 and "$ " not in again.stdout
+    assert json.loads(out.read_text())["rows"][0]["runs"] == row["runs"]
+    other = subprocess.run([*command[:-1], "train.min_steps=4"], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 0 and "reusing " not in other.stdout
+    assert [run["steps"] for run in json.loads(out.read_text())["rows"][0]["runs"]] == [4, 4]
