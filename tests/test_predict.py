@@ -3,7 +3,6 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 
 from intentlora import IntentClassifier, UnknownModelError
 from intentlora.data import Problem
@@ -259,42 +258,3 @@ def test_predict_file_streams_in_order_and_reports_bad_lines(classifier, tmp_pat
     expected = classifier.predict([r["text"] for r in good], top_k=2)
     assert [row["prediction"]["label"] for row in written] == [p.label for p in expected]
     assert [row["prediction"]["score"] for row in written] == pytest.approx([p.score for p in expected], abs=1e-5)
-
-
-@pytest.mark.parametrize(("fp32_s", "bf16_s", "expected"), [(1.0, 0.5, "bf16"), (1.0, 1.6, "fp32"), (1.0, 0.95, "fp32")])
-def test_auto_precision_on_cpu_is_bf16_only_where_it_is_measured_faster(monkeypatch, tmp_path, fp32_s, bf16_s, expected):
-    """CPU flags say bf16 runs, not that it pays: `auto` times both once per machine and remembers the verdict."""
-    from intentlora import inference
-
-    monkeypatch.setenv("INTENTLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: True)
-    monkeypatch.setattr(inference, "time_layer", lambda dtype: bf16_s if dtype == torch.bfloat16 else fp32_s)
-    inference.cpu_bf16_pays.cache_clear()
-    assert inference.resolve_precision("auto", "cpu") == expected
-    assert inference.resolve_precision("fp32", "cpu") == "fp32" and inference.resolve_precision("bf16", "cpu") == "bf16"
-    [(machine, verdict)] = json.loads((tmp_path / "cpu_bf16.json").read_text()).items()
-    assert "torch" in machine and verdict["bf16_speedup"] == round(fp32_s / bf16_s, 3)
-
-    # a later process on the same machine reads the verdict instead of timing again
-    inference.cpu_bf16_pays.cache_clear()
-    monkeypatch.setattr(inference, "time_layer", lambda dtype: pytest.fail("timed again"))
-    assert inference.resolve_precision("auto", "cpu") == expected
-    inference.cpu_bf16_pays.cache_clear()
-
-
-def test_auto_precision_without_bf16_instructions_is_fp32_without_timing(monkeypatch, tmp_path):
-    from intentlora import inference
-
-    monkeypatch.setenv("INTENTLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(inference, "cpu_has_native_bf16", lambda: False)
-    monkeypatch.setattr(inference, "time_layer", lambda dtype: pytest.fail("no bf16 units: nothing to time"))
-    inference.cpu_bf16_pays.cache_clear()
-    assert inference.resolve_precision("auto", "cpu") == "fp32"
-    assert not (tmp_path / "cpu_bf16.json").exists()
-
-
-def test_the_bf16_timing_runs_and_is_positive():
-    from intentlora.inference import time_layer
-
-    assert time_layer(torch.float32, tokens=8, size=(32, 64), repeats=2) > 0
-    assert time_layer(torch.bfloat16, tokens=8, size=(32, 64), repeats=2) > 0
