@@ -125,10 +125,11 @@ def reusable(out: Path, args: argparse.Namespace) -> bool:
 
     if not (out / "metrics.json").is_file():
         return False
-    saved, wanted = load_config(out / "config.yaml"), load_config(None, assignments=[parse_assignment(a) for a in args.set])
+    assignments = [parse_assignment(a) for a in args.set]
+    saved, wanted = load_config(out / "config.yaml"), load_config(None, assignments=assignments)
     same = all(
         getattr(getattr(saved, section), key) == getattr(getattr(wanted, section), key)
-        for section, key in (dotted.split(".", 1) for dotted, _ in (parse_assignment(a) for a in args.set))
+        for section, key in (dotted.split(".", 1) for dotted, _ in assignments)
     )
     return same and saved.model.name == args.model
 
