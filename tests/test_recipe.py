@@ -194,6 +194,7 @@ def test_early_stopping_stops(tiny_qwen2, small_data, tmp_path):
     train_file, test_file = small_data
     cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{
         "train.epochs": 1, "train.min_steps": 50, "train.lr": 1e-12, "train.early_stopping_patience": 1, "eval.baselines": [],
+        "lora.head_init": "random",  # a zero head ties every logit, so float noise at lr 1e-12 can flip predictions
     })
     result = train(cfg, echo=lambda _: None)
     t = result.metrics["train"]
