@@ -116,6 +116,7 @@ def train(
     min_steps: Annotated[Optional[int], _flag("At least this many optimizer steps, however few epochs that is.", RECIPE, DEFAULTS.train.min_steps, "--min-steps")] = None,
     max_steps: Annotated[Optional[int], _flag("At most this many optimizer steps.", RECIPE, "no cap", "--max-steps")] = None,
     early_stopping_patience: Annotated[Optional[int], _flag("Stop after N evaluations without a better validation macro-F1 (0: never).", RECIPE, DEFAULTS.train.early_stopping_patience, "--early-stopping-patience")] = None,
+    select_best: Annotated[Optional[bool], _flag("Keep the checkpoint with the best validation macro-F1 (--no-select-best: the last).", RECIPE, "on", "--select-best/--no-select-best")] = None,
     head_lr: Annotated[Optional[float], _flag("Learning rate of the new head.", RECIPE, "--lr", "--head-lr")] = None,
     loraplus_lr_ratio: Annotated[Optional[float], _flag("LoRA+: the B matrices learn at lr x this.", RECIPE, "off", "--loraplus-lr-ratio")] = None,
     head_init: Annotated[Optional[str], _flag("random | zero | label_words: how the new head starts.", RECIPE, DEFAULTS.lora.head_init, "--head-init")] = None,
@@ -149,7 +150,7 @@ def train(
         "output.dir": output, "output.keep_checkpoints": on(keep_checkpoints),
         "train.min_steps": min_steps, "train.max_steps": max_steps, "train.head_lr": head_lr,
         "train.early_stopping_patience": None if early_stopping_patience is None else (early_stopping_patience or "none"),
-        "train.loraplus_lr_ratio": loraplus_lr_ratio, "lora.head_init": head_init,
+        "train.select_best": select_best, "train.loraplus_lr_ratio": loraplus_lr_ratio, "lora.head_init": head_init,
         "data.prompt_template": prompt_template.replace("\\n", "\n") if prompt_template else None,
         "train.linear_probe_steps": linear_probe_steps, "train.class_weights": class_weights,
     }

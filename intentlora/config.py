@@ -82,6 +82,9 @@ class TrainConfig:
     max_steps: int | None = None
     # Stop when validation macro-F1 has not improved for this many evaluations (None: never).
     early_stopping_patience: int | None = 3
+    # The run's model: the checkpoint with the best validation macro-F1 (True), or the last step's (False).
+    # On a validation set of a few dozen texts "best" can be one text's luck (docs/QUALITY.md).
+    select_best: bool = True
     lr: float = 2e-4
     head_lr: float | None = None  # the new head's learning rate; None: lr
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn at lr x this (None: at lr)

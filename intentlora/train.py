@@ -360,8 +360,8 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         eval_strategy=schedule,
         save_strategy=schedule,
         **({"eval_steps": t.save_steps, "save_steps": t.save_steps} if t.save_steps else {}),
-        save_total_limit=1,  # with load_best_model_at_end: the best and the latest are kept
-        load_best_model_at_end=True,
+        save_total_limit=2,  # the best and the latest (HF never rotates the best away; at 1 it would drop the latest)
+        load_best_model_at_end=t.select_best,
         metric_for_best_model="macro_f1",
         greater_is_better=True,
         logging_steps=t.logging_steps,
@@ -708,6 +708,7 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
             "steps": state.global_step,
             "resumed_from_step": fitted.resumed_step or None,
             "best_checkpoint": state.best_model_checkpoint,
+            "selected": "best" if t.select_best else "last",
             "trainable_params": run.trainable,
             "total_params": run.total,
             "trainable_percent": round(100 * run.trainable / run.total, 4),

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,6 +202,24 @@ def test_early_stopping_stops(tiny_qwen2, small_data, tmp_path):
     evaluations = [e for e in t["log_history"] if "eval_macro_f1" in e]
     assert t["stopped_early"] and t["max_steps"] == 50 and t["steps"] == 2 * 5  # two epochs of 5 steps
     assert len(evaluations) == 2
+
+
+@pytest.mark.parametrize("select_best", [True, False])
+def test_the_saved_model_is_the_selected_checkpoint(select_best, tiny_qwen2, small_data, tmp_path):
+    """select_best: the adapter saved is the best validation checkpoint's; off: the last step's."""
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{
+        "train.epochs": 3, "train.select_best": select_best, "output.keep_checkpoints": True, "eval.baselines": [],
+    })
+    result = train(cfg, echo=lambda _: None)
+    t = result.metrics["train"]
+    last = result.run_dir / "checkpoints" / f"checkpoint-{t['steps']}"
+    expected = (result.run_dir / "checkpoints" / Path(t["best_checkpoint"]).name) if select_best else last
+    assert t["selected"] == ("best" if select_best else "last") and expected.is_dir()
+    saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    chosen = load_file(expected / "adapter_model.safetensors")
+    assert saved.keys() == chosen.keys()
+    assert all(torch.equal(saved[k], chosen[k]) for k in saved)
 
 
 @pytest.mark.parametrize("key, value, message", [
