@@ -119,19 +119,22 @@ def tfidf(files: dict, valid_fraction: float = 0.0, seed: int = 0) -> dict:
     return {"macro_f1": m["macro_f1"], "accuracy": m["accuracy"], "seconds": round(time.perf_counter() - start, 2)}
 
 
+# What differs between the runs of one call by design: every other config value must match for a kept run to count.
+PER_RUN = ("data.train", "data.test", "output.dir", "train.seed", "eval.baselines")
+
+
 def reusable(out: Path, args: argparse.Namespace) -> bool:
-    """A finished run under --keep with the same model and every --set value: its figures are taken, not trained again."""
+    """A finished run under --keep trained with this call's config: the model, every --set value and the defaults
+    of today's code (a changed default trains again). Its figures are taken, not trained again."""
     from intentlora.config import load_config, parse_assignment
+    from intentlora.rundir import flat_config
 
     if not (out / "metrics.json").is_file():
         return False
-    assignments = [parse_assignment(a) for a in args.set]
-    saved, wanted = load_config(out / "config.yaml"), load_config(None, assignments=assignments)
-    same = all(
-        getattr(getattr(saved, section), key) == getattr(getattr(wanted, section), key)
-        for section, key in (dotted.split(".", 1) for dotted, _ in assignments)
-    )
-    return same and saved.model.name == args.model
+    wanted = load_config(None, {"model.name": args.model}, [parse_assignment(a) for a in args.set])
+    saved = load_config(out / "config.yaml")
+    settings = lambda cfg: {k: v for k, v in flat_config(cfg).items() if k not in PER_RUN}  # noqa: E731
+    return settings(saved) == settings(wanted)
 
 
 def train_once(files: dict, seed: int, args: argparse.Namespace, out: Path) -> dict:

@@ -87,3 +87,10 @@ def test_bench_quality_smoke(tmp_path):
     other = subprocess.run([*command[:-1], "train.min_steps=4"], capture_output=True, text=True, timeout=600)
     assert other.returncode == 0 and "reusing " not in other.stdout
     assert [run["steps"] for run in json.loads(out.read_text())["rows"][0]["runs"]] == [4, 4]
+    # a kept run whose other settings differ from today's defaults (a default changed since) trains again
+    config = tmp_path / "keep" / "runs" / "bank_zh-seed1" / "config.yaml"
+    text = config.read_text()
+    config.write_text(text.replace("select_best: true", "select_best: false") if "select_best: true" in text
+                      else text.replace("select_best: false", "select_best: true"))
+    third = subprocess.run([*command[:-1], "train.min_steps=4"], capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and third.stdout.count("reusing ") == 1 and third.stdout.count("$ ") == 1
