@@ -26,7 +26,7 @@ BUNDLED_DATA = resources.files("intentlora") / "data" / "bank_zh"
 class DataConfig:
     train: str = str(BUNDLED_DATA / "train.jsonl")
     test: str = str(BUNDLED_DATA / "test.jsonl")
-    # Optional validation file for picking the best epoch. Without one, a
+    # Optional validation file (early stopping; the checkpoint with train.select_best). Without one, a
     # stratified `valid_fraction` of train is held out; 0 evaluates on test
     # (what the reference recipe does).
     valid: str | None = None
@@ -82,9 +82,10 @@ class TrainConfig:
     max_steps: int | None = None
     # Stop when validation macro-F1 has not improved for this many evaluations (None: never).
     early_stopping_patience: int | None = 3
-    # The run's model: the checkpoint with the best validation macro-F1 (True), or the last step's (False).
-    # On a validation set of a few dozen texts "best" can be one text's luck (docs/QUALITY.md).
-    select_best: bool = True
+    # The run's model: the last step's (False), or the checkpoint with the best validation macro-F1 (True).
+    # On a validation set of a few dozen texts "best" is often one text's luck and an undertrained
+    # checkpoint: the last scored as high or higher in 9 of 9 paired runs (docs/QUALITY.md).
+    select_best: bool = False
     lr: float = 2e-4
     head_lr: float | None = None  # the new head's learning rate; None: lr
     loraplus_lr_ratio: float | None = None  # LoRA+: B matrices learn at lr x this (None: at lr)

@@ -79,11 +79,12 @@ def verdict(metrics: dict) -> list[str]:
 
 
 def caveats(metrics: dict) -> list[str]:
-    """What makes the scores less than they seem: the best epoch picked on test, texts cut short, labels the test set lacks."""
+    """What makes the scores less than they seem: test data used for validation, texts cut short, labels the test set lacks."""
     d, lines = metrics["data"], []
     if d.get("valid_is_test"):
-        lines.append("The best epoch was picked on the test set (no --valid file and data.valid_fraction 0): "
-                     "the LoRA score is optimistic. Hold out a validation set for a fair score.")
+        lines.append("The test set was also the validation set (no --valid file and data.valid_fraction 0): it decided "
+                     "early stopping (and the checkpoint, with train.select_best), so the LoRA score is optimistic. "
+                     "Hold out a validation set for a fair score.")
     truncated = {split: n for split, n in (d.get("truncated") or {}).items() if n}
     if truncated:
         counts = " and ".join(f"{n} {split}" for split, n in truncated.items())
@@ -109,7 +110,7 @@ def write_report(run_dir: Path, metrics: dict, test: list[Example], probs: torch
     correct = [labels[p] == ex.label for p, ex in zip(predicted.tolist(), test)]
     name, d = model_name(metrics), metrics["data"]
     title = f"{name} on test ({len(test):,} texts)"
-    valid = f"test ({d['test']:,} texts, also used to pick the best epoch)" if d.get("valid_is_test") else f"valid ({d['valid']:,} texts)"
+    valid = f"test ({d['test']:,} texts, also the validation set)" if d.get("valid_is_test") else f"valid ({d['valid']:,} texts)"
     save_figure(confusion_matrix_figure(np.array(metrics["lora"]["confusion_matrix"]), labels, title), run_dir / PLOTS[0])
     save_figure(training_curves_figure(metrics["train"]["log_history"], f"{name}: training on train ({d['train']:,} texts), evaluated on {valid}"),
                 run_dir / PLOTS[1])

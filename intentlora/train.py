@@ -253,8 +253,8 @@ def load_data(cfg: Config, echo=None) -> Splits:
     shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
     report(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
     if d.valid is None and d.valid_fraction == 0:
-        report.warning("data.valid_fraction is 0 and no --valid file: the best epoch is picked on the test set, "
-                       "so the test score is optimistic")
+        report.warning("data.valid_fraction is 0 and no --valid file: the test set is also the validation set "
+                       "(early stopping, and the checkpoint with train.select_best), so the test score is optimistic")
     return splits
 
 

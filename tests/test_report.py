@@ -97,7 +97,7 @@ def test_report_warns_of_test_picked_epochs_truncation_and_absent_labels(tmp_pat
     metrics = run_metrics(GOOD, {"tfidf": POOR}, valid_is_test=True, truncated={"train": 3, "test": 1})
     assert metrics["lora"]["absent_labels"] == ["other"]
     md, html = write(tmp_path, metrics, GOOD)
-    assert "The best epoch was picked on the test set" in md and "optimistic" in md
+    assert "The test set was also the validation set" in md and "optimistic" in md
     assert "3 train and 1 test text(s) are longer than max_length=128 tokens" in md
     assert "left out of macro-F1 (marked in the per-class table): other." in md
     assert "| other (absent: not in macro-F1) | lora |" in md and "other (absent: not in macro-F1)" in html
@@ -131,7 +131,7 @@ def test_titles_in_a_written_report_name_the_model_and_the_splits(tmp_path, monk
     write_report(tmp_path / "run", metrics, test, torch.eye(4)[torch.tensor(GOOD)])
     assert dict(titles) == {
         "confusion_matrix.png": "LoRA (qwen2.5-coder-0.5b-instruct) on test (10 texts)",
-        "training_curves.png": "LoRA (qwen2.5-coder-0.5b-instruct): training on train (40 texts), evaluated on test (10 texts, also used to pick the best epoch)",
+        "training_curves.png": "LoRA (qwen2.5-coder-0.5b-instruct): training on train (40 texts), evaluated on test (10 texts, also the validation set)",
         "confidence_histogram.png": "LoRA (qwen2.5-coder-0.5b-instruct) on test (10 texts)",
     }
 

@@ -110,7 +110,7 @@ def test_settings_that_would_mislead_are_refused_or_said(tiny_qwen2, small_data,
         "data.valid_fraction": 0.0, "data.max_length": 4, "train.epochs": 1, "eval.baselines": []})
     metrics = train(cfg, echo=Reporter(write=lines.append)).metrics
     text = "\n".join(lines)
-    assert "the best epoch is picked on the test set" in text and metrics["data"]["valid_is_test"] is True
+    assert "the test set is also the validation set" in text and metrics["data"]["valid_is_test"] is True
     assert "longer than data.max_length=4 tokens" in text
     assert metrics["data"]["truncated"]["train"] > 0 and metrics["data"]["truncated"]["test"] > 0
 
