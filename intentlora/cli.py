@@ -168,7 +168,7 @@ def train(
     from intentlora.console import Reporter
     from intentlora.data import DataError
     from intentlora.offline import OfflineModelError
-    from intentlora.rundir import ResumeError
+    from intentlora.rundir import ResumeError, is_main_process
     from intentlora.train import ParityError, train as run_training
 
     reporter = Reporter(write=lambda line: console.print(line, highlight=False, markup=False), fmt=log_format, quiet=quiet)
@@ -182,10 +182,22 @@ def train(
         _fail(str(e), EXIT_PARITY)
     except (OfflineModelError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    if not result.metrics or log_format == "json":  # not rank 0 of a distributed run; or the result event said it all
+    if not is_main_process():
+        leave_without_teardown()
+    if log_format == "json":  # the result event said it all
         return
     print_comparison(result.metrics)
     console.print(f"run saved to [bold]{result.run_dir}[/bold] (report.md, metrics.json, adapter/)")
+
+
+def leave_without_teardown() -> None:
+    """A rank other than 0 is done once training ends (rank 0 saves, checks and reports). Leaving through
+    interpreter shutdown destroys its Gloo process group from there, which can abort ("terminate called
+    without an active exception", pytorch/pytorch#190489) and make torchrun stop rank 0 mid-run; destroying
+    the group earlier deadlocked against DDP's reducer. Exit at once: the OS closes the sockets."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def print_comparison(metrics: dict) -> None:
