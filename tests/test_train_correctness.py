@@ -21,7 +21,12 @@ def adapter_weights(run) -> dict[str, torch.Tensor]:
 
 
 def test_gradient_accumulation_matches_one_big_batch(tiny_qwen2, tmp_path, bundled_rows):
-    """batch 4 x accumulation 2 must train exactly like batch 8 x 1: same logged losses, same adapter."""
+    """batch 4 x accumulation 2 must train like batch 8 x 1: same logged losses, the same adapter up to rounding.
+
+    Adam divides each gradient by its own running size, so an element whose gradient is near Adam's eps turns
+    float rounding (which differs between CPUs) into a visible step: weights are compared per tensor by norm,
+    not element by element. The random head keeps LoRA's gradients away from eps from the first step.
+    Batch 4 x 1 (a different training) moves every tensor by 4% or more; rounding moves none by 0.001%."""
     from intentlora.train import train
 
     train_file = write_jsonl(tmp_path / "train.jsonl", bundled_rows["train"][:32])
@@ -31,6 +36,7 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_qwen2, tmp_path, bundl
         cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / f"b{batch}x{accum}", **{
             "train.batch_size": batch, "train.grad_accum": accum, "train.epochs": 1, "train.logging_steps": 1,
             "train.group_by_length": False, "lora.dropout": 0.0, "data.valid_fraction": 0.0, "eval.baselines": [],
+            "lora.head_init": "random",
         })
         runs[(batch, accum)] = train(cfg).run_dir
     losses = {key: [e["loss"] for e in json.loads((run / "metrics.json").read_text())["train"]["log_history"] if "loss" in e]
@@ -38,7 +44,8 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_qwen2, tmp_path, bundl
     assert len(losses[(8, 1)]) == 4
     assert losses[(4, 2)] == pytest.approx(losses[(8, 1)], rel=1e-4)
     one, two = adapter_weights(runs[(8, 1)]), adapter_weights(runs[(4, 2)])
-    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    drift = {k: ((one[k] - two[k]).norm() / one[k].norm()).item() for k in one}
+    assert max(drift.values()) < 1e-3, drift
 
 
 def test_every_model_a_run_loads_goes_to_the_configured_device(tiny_qwen2, small_data, tmp_path, monkeypatch):
