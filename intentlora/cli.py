@@ -61,8 +61,8 @@ AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load pickle (
 
 
 # fp32 by default: what `calibrate` measured is what `predict` and `serve` get.
-# bf16 about doubles CPU throughput where the CPU has bf16 units (docs/BENCHMARKS.md).
-Precision = Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 where the hardware computes it natively).")]
+# bf16 about doubles CPU throughput where the CPU's bf16 units pay (docs/BENCHMARKS.md).
+Precision = Annotated[str, typer.Option(help="auto | bf16 | fp32 (auto: bf16 where the hardware computes it natively and faster than fp32).")]
 
 
 def _labels(value: str | None) -> list[str] | None:
@@ -107,7 +107,8 @@ def train(
     lr: Annotated[Optional[float], _flag("Peak learning rate.", TRAINING, DEFAULTS.train.lr)] = None,
     batch_size: Annotated[Optional[int], _flag("Texts per step and process.", TRAINING, DEFAULTS.train.batch_size)] = None,
     grad_accum: Annotated[Optional[int], _flag("Gradient accumulation steps.", TRAINING, DEFAULTS.train.grad_accum)] = None,
-    precision: Annotated[Optional[str], _flag("auto | bf16 | fp32 (auto: bf16 where the hardware has it).", TRAINING, DEFAULTS.train.precision)] = None,
+    precision: Annotated[Optional[str], _flag("auto | bf16 | fp32 | bf16-weights (the base read in bf16, computed in fp32). "
+                                                       "auto: bf16 where it is faster than fp32 (timed once per machine), else bf16-weights on a CPU, fp32 on a GPU.", TRAINING, DEFAULTS.train.precision)] = None,
     device: Annotated[Optional[str], _flag("auto | cpu | cuda | cuda:N: where every model of the run goes.", TRAINING, DEFAULTS.train.device)] = None,
     seed: Annotated[Optional[int], _flag("Random seed (data split, initialisation, order).", TRAINING, DEFAULTS.train.seed)] = None,
     save_steps: Annotated[Optional[int], _flag("Checkpoint (and evaluate) every N steps.", TRAINING, "every epoch")] = None,

@@ -20,6 +20,8 @@ import yaml
 from intentlora.files import write_text_atomic
 
 BUNDLED_DATA = resources.files("intentlora") / "data" / "bank_zh"
+PRECISIONS = ("auto", "bf16", "fp32")  # what inference.resolve_precision accepts, and picks for auto
+TRAINING_PRECISIONS = (*PRECISIONS, "bf16-weights")  # training alone: the base read in bf16, computed in fp32
 
 
 @dataclass
@@ -101,7 +103,7 @@ class TrainConfig:
     seed: int = 42
     group_by_length: bool = True
     pad_to_max_length: bool = False  # True only to reproduce the reference recipe (training and evaluation)
-    precision: str = "auto"  # auto | bf16 | fp32
+    precision: str = "auto"  # auto | bf16 | fp32 | bf16-weights (inference.resolve_precision says what auto picks)
     # auto: the GPU when there is one (cuda:LOCAL_RANK under torchrun), else the CPU; or cpu, cuda, cuda:1, ...
     # Every model a run loads (baselines, training, checks, final evaluation) goes there.
     device: str = "auto"

@@ -9,9 +9,16 @@ cannot pick them differently.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
+import platform
+import time
 from pathlib import Path
 
 import torch
+
+from intentlora.config import PRECISIONS, TRAINING_PRECISIONS
+from intentlora.files import write_text_atomic
 
 # What `predict`, `eval`, `calibrate`, `serve` and the run's own final
 # evaluation use unless told otherwise: one default, so the score a run
@@ -22,29 +29,94 @@ DEFAULT_BATCH_SIZE = 16  # on CPU, 16-32 beat 64+ (activations stay in cache); s
 DEFAULT_MAX_TOKENS = 512
 
 
-def resolve_precision(precision: str, device: str | torch.device | None = None) -> str:
-    """`auto` is bf16 where the hardware computes it natively, else fp32."""
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_precision(precision: str, device: str | torch.device | None = None, training: bool = False) -> str:
+    """`auto` is bf16 where the hardware computes it natively and faster than fp32 (on a CPU: timed once per machine).
+
+    Elsewhere `auto` is fp32, except for training on a CPU: there it is bf16-weights, the base read in bf16 and
+    computed in fp32, which scored like bf16 on the quality suite at fp32's speed (docs/QUALITY.md)."""
+    allowed = TRAINING_PRECISIONS if training else PRECISIONS
+    if precision not in allowed:
+        raise ValueError(f"precision must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {precision!r}")
     if precision != "auto":
         return precision
     if resolve_device(device).type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    if cpu_has_native_bf16() and cpu_bf16_pays():
+        return "bf16"
+    return "bf16-weights" if training else "fp32"
 
 
 def precision_dtype(precision: str, device: str | torch.device | None = None) -> torch.dtype:
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[resolve_precision(precision, device)]
+    return DTYPES[resolve_precision(precision, device)]
+
+
+def training_dtypes(precision: str) -> tuple[torch.dtype, torch.dtype]:
+    """(the dtype the base's weights are read in, the dtype it computes in) for a resolved training precision."""
+    return (torch.bfloat16, torch.float32) if precision == "bf16-weights" else (DTYPES[precision], DTYPES[precision])
 
 
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16. Not a promise of speed: on an Intel Xeon with AVX512-BF16 and no AMX, bf16 trained at 0.61x
-    of fp32's speed, yet scored higher on the bundled data over 3 seeds (docs/BENCHMARKS.md); `auto` keeps bf16 there."""
+    """AMX or AVX512-BF16: the CPU runs bf16, which is not yet a promise of speed (cpu_bf16_pays)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+# Measured: LoRA training in bf16 ran 1.55x faster than fp32 on an AMD EPYC, and 0.61x as fast on an Intel Xeon with
+# AVX512-BF16 and no AMX, whose bf16 matrix products reach 165 GFLOP/s against fp32's 265 (docs/BENCHMARKS.md).
+BF16_MIN_SPEEDUP = 1.1  # below this, fp32's exactness is worth more than the time
+
+
+@functools.cache
+def cpu_bf16_pays() -> bool:
+    """Whether bf16 beats fp32 on this CPU: an MLP-sized layer's forward and backward timed both ways, once per
+    machine (CPU, torch version, threads), and remembered in the model cache so that every later run decides alike."""
+    from intentlora.offline import cache_dir
+
+    key = f"{cpu_model_name()} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    path = cache_dir() / "cpu_bf16.json"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        known[key] = {"bf16_speedup": round(time_layer(torch.float32) / time_layer(torch.bfloat16), 3)}
+        with contextlib.suppress(OSError):  # a read-only cache: measure again next time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps(known, indent=2))
+    return known[key]["bf16_speedup"] >= BF16_MIN_SPEEDUP
+
+
+def time_layer(dtype: torch.dtype, tokens: int = 192, size: tuple[int, int] = (896, 4864), repeats: int = 5) -> float:
+    """Seconds for one forward and input-gradient backward of a frozen linear layer (a 0.5B MLP projection, a
+    batch of short texts) in `dtype`; the best of `repeats`, after a warm-up."""
+    generator = torch.Generator().manual_seed(0)
+    weight = (torch.randn(size[1], size[0], generator=generator) * 0.02).to(dtype)
+    inputs = torch.randn(tokens, size[0], generator=generator, requires_grad=True)
+    times = []
+    for i in range(repeats + 2):
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            out = torch.nn.functional.linear(inputs, weight)
+        out.float().sum().backward()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:

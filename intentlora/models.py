@@ -146,10 +146,11 @@ def load_classifier(
     dtype: torch.dtype = torch.float32,
     options: ModelConfig | None = None,
     device: str | torch.device | None = "cpu",
+    weights_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The base model with a new classification head for `labels`."""
     model = load_pretrained(
-        AutoModelForSequenceClassification, path, dtype, options, device,
+        AutoModelForSequenceClassification, path, dtype, options, device, weights_dtype=weights_dtype,
         num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
     )
     model.config.pad_token_id = pad_token_id
@@ -157,23 +158,29 @@ def load_classifier(
 
 
 def load_causal_lm(
-    path: str, dtype: torch.dtype = torch.float32, options: ModelConfig | None = None, device: str | torch.device | None = "cpu"
+    path: str, dtype: torch.dtype = torch.float32, options: ModelConfig | None = None, device: str | torch.device | None = "cpu",
+    weights_dtype: torch.dtype | None = None,
 ) -> PreTrainedModel:
     """The base model with its language-model head, for zero-shot prompting."""
-    return load_pretrained(AutoModelForCausalLM, path, dtype, options, device)
+    return load_pretrained(AutoModelForCausalLM, path, dtype, options, device, weights_dtype=weights_dtype)
 
 
-def load_pretrained(auto_class, path: str, dtype: torch.dtype, options: ModelConfig | None, device, **extra) -> PreTrainedModel:
+def load_pretrained(auto_class, path: str, dtype: torch.dtype, options: ModelConfig | None, device,
+                    weights_dtype: torch.dtype | None = None, **extra) -> PreTrainedModel:
     """The one place model weights are read: safetensors only unless allowed, remote code only when asked,
-    4-bit only on CUDA, and on `device` ("auto": the GPU when there is one)."""
+    4-bit only on CUDA, and on `device` ("auto": the GPU when there is one). The weights are read in
+    `weights_dtype` (default: `dtype`) and computed in `dtype`: bf16 weights in fp32 is training's bf16-weights."""
     options = options or ModelConfig()
-    path = cached_in_dtype(path, dtype)  # a cached fp32 model loads as bf16 from its bf16 copy: a third of the memory
+    weights_dtype = weights_dtype or dtype
+    path = cached_in_dtype(path, weights_dtype)  # a cached fp32 model loads as bf16 from its bf16 copy: a third of the memory
     model = auto_class.from_pretrained(
-        path, dtype=dtype, trust_remote_code=options.trust_remote_code, revision=options.revision,
+        path, dtype=weights_dtype, trust_remote_code=options.trust_remote_code, revision=options.revision,
         **weights_format(path, options.allow_pickle), **quantization(options.load_in_4bit), **extra,
     )
     if not options.load_in_4bit:  # bitsandbytes placed it already
         model.to(resolve_device(device))
+    if weights_dtype != dtype:
+        model.to(dtype)
     return model
 
 

@@ -37,7 +37,7 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from intentlora.config import BUNDLED_DATA, Config
+from intentlora.config import BUNDLED_DATA, TRAINING_PRECISIONS as PRECISIONS, Config
 from intentlora.serve import RequestGate, api_key_checker
 
 STATIC = Path(__file__).parent / "ui_static"
@@ -47,7 +47,6 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 RUN_FILES = ("report.html", "report.md", "confusion_matrix.png", "training_curves.png", "confidence_histogram.png",
              "errors.jsonl", "metrics.json", "config.yaml", "labels.json")
 BASELINES = ("random_head", "zero_shot", "tfidf")
-PRECISIONS = ("auto", "bf16", "fp32")
 MAX_UPLOAD_BYTES = 64 * 2**20
 STOP_GRACE_S = 10  # SIGTERM, then SIGKILL after this long
 LOG_LINES = 300  # plain (non-JSON) output lines kept per job

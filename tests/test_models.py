@@ -47,6 +47,18 @@ def test_target_modules_follow_the_architecture(tiny_qwen2, tiny_bert):
     assert target_modules_for(classifier(tiny_bert)[0], ["all-linear"]) == "all-linear"
 
 
+def test_bf16_weights_are_read_in_bf16_and_computed_in_fp32(tiny_qwen2):
+    """training's bf16-weights: the fp32 folder's weights rounded to bf16, held and computed in fp32."""
+    rounded = load_classifier(str(tiny_qwen2), ["a", "b"], 0, torch.float32, weights_dtype=torch.bfloat16)
+    exact = load_classifier(str(tiny_qwen2), ["a", "b"], 0, torch.float32)
+    weights = {name: p for name, p in exact.named_parameters() if not name.startswith("score")}
+    assert {p.dtype for p in rounded.parameters()} == {torch.float32}
+    assert any(not torch.equal(p, p.bfloat16().float()) for p in weights.values())  # the folder holds more than bf16
+    for name, p in rounded.named_parameters():
+        if name in weights:
+            assert torch.equal(p, weights[name].bfloat16().float()), name
+
+
 def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
     model, _ = classifier(tiny_qwen2, torch.bfloat16)
     peft_model = add_lora(model, LoraConfig(r=4, alpha=8))

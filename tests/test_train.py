@@ -114,6 +114,21 @@ def test_a_wrong_merge_fails_the_layer_by_layer_check(qwen_run, tiny_qwen2, monk
     assert wrong["max_rel_diff"] > 1e-6
 
 
+def test_bf16_weights_trains_on_the_rounded_base_and_its_adapter_reloads_exactly(tiny_qwen2, small_data, tmp_path, monkeypatch):
+    """The reload check loads the base the way training did: an exact (fp32) match on bf16-rounded weights."""
+    import intentlora.models as models
+
+    read_in = []
+    real = models.load_pretrained
+    monkeypatch.setattr(models, "load_pretrained", lambda *a, **kw: read_in.append(kw.get("weights_dtype")) or real(*a, **kw))
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{"train.precision": "bf16-weights", "train.epochs": 1})
+    result = train(cfg, echo=lambda _: None)
+    assert result.metrics["train"]["precision"] == "bf16-weights"
+    assert read_in == [torch.bfloat16, torch.bfloat16, None]  # training, the reload check; the final evaluation as predict loads
+    assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-5
+
+
 def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
     train_file, test_file = small_data
     cfg = tiny_config(tiny_bert, train_file, test_file, tmp_path / "run", **{"train.precision": "bf16", "train.epochs": 1})
