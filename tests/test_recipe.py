@@ -228,6 +228,7 @@ def test_the_saved_model_is_the_selected_checkpoint(select_best, tiny_qwen2, sma
     ("data.prompt_template", "no placeholder", "exactly once"),
     ("train.early_stopping_patience", 0, "early_stopping_patience"),
     ("train.head_lr", -1.0, "head_lr"),
+    ("train.precision", "fp16", "fp32 or bf16-weights"),
 ])
 def test_bad_recipe_settings_are_refused_before_loading(key, value, message, tmp_path):
     from intentlora.config import load_config
