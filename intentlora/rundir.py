@@ -20,6 +20,7 @@ import shutil
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+from typing import Callable, TypeVar
 
 from intentlora.config import Config, load_config, save_config
 from intentlora.files import write_text_atomic
@@ -35,6 +36,7 @@ CHECKPOINTS_DIR = "checkpoints"
 # become model inputs (truncation, padding, precision), so `predict` on the
 # export scores as the run did.
 INFERENCE_FILE = "intentlora.json"
+T = TypeVar("T")
 
 # What HF Trainer writes into checkpoint-N for a PEFT model, trainer_state.json
 # last; the RNG state is rng_state.pth for one process, rng_state_<rank>.pth
@@ -57,6 +59,18 @@ def is_main_process() -> bool:
 
 def process_count() -> int:
     return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def rank_zero_decides(decide: Callable[[], T]) -> T:
+    """Rank 0's `decide()` on every process of a CPU job (gloo); the others do not call it. For what must not differ
+    between processes but may depend on the process that asks, such as a timed choice."""
+    if process_count() == 1:
+        return decide()
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    PartialState(cpu=True)  # joins the process group torchrun set up; the Trainer joins the same group later
+    return broadcast_object_list([decide() if is_main_process() else None], from_process=0)[0]
 
 
 def make_run_dir(path: str | None) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import gc
 import math
 import os
@@ -66,6 +67,7 @@ from intentlora.rundir import (
     is_main_process,
     make_run_dir,
     process_count,
+    rank_zero_decides,
     remove_checkpoints,
     resume_point,
     running,
@@ -154,7 +156,7 @@ def setup(cfg: Config, splits: Splits, run_dir: Path, checkpoint: Path | None, r
     if is_main_process():
         write_config(run_dir, cfg)  # now, so that a resumed run can check it continues the same config
     device = training_device(cfg.train.device)
-    precision = resolve_precision(cfg.train.precision, device, training=True)
+    precision = training_precision(cfg.train.precision, device)
     model_path = resolve_model_path(cfg.model.name, cfg.model.revision, notify=report)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code, cfg.model.revision)
     truncated = truncated_texts(tokenizer, splits, cfg, report)
@@ -235,6 +237,13 @@ def check_settings(cfg: Config) -> None:
     check_report_to(t.report_to)  # an unknown or uninstalled tracker fails now, not after the baselines
     if cfg.model.load_in_4bit:
         check_4bit_supported()
+
+
+def training_precision(precision: str, device: torch.device) -> str:
+    """What `precision` means here. On CPUs `auto` is timed, and two processes timing at once could choose
+    differently: under torchrun rank 0 decides for all. (On GPUs every process gets the same answer.)"""
+    decide = functools.partial(resolve_precision, precision, device, training=True)
+    return rank_zero_decides(decide) if device.type == "cpu" else decide()
 
 
 def training_device(device: str) -> torch.device:

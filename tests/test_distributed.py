@@ -126,3 +126,27 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint(runs, tiny_qwen2, 
     assert losses(metrics) == pytest.approx(losses(reference), abs=RESUME_TOLERANCE)
     a, b = (load_file(r / "adapter" / "adapter_model.safetensors") for r in (run, tmp / "two"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= RESUME_TOLERANCE
+
+
+RANK_ZERO_DECIDES = """
+import os, sys
+from intentlora.rundir import rank_zero_decides
+asked = []
+def decide():
+    asked.append(os.environ["RANK"])
+    return "choice of rank " + os.environ["RANK"]
+print(f"rank {os.environ['RANK']} got {rank_zero_decides(decide)!r}, asked {asked}", flush=True)
+"""
+
+
+def test_rank_zero_decides_for_every_process(tmp_path):
+    """A timed choice (precision auto on CPUs) is made once, by rank 0, and every process gets it."""
+    script = tmp_path / "decide.py"
+    script.write_text(RANK_ZERO_DECIDES)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(launcher, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank ")) == [
+        "rank 0 got 'choice of rank 0', asked ['0']",
+        "rank 1 got 'choice of rank 0', asked []",
+    ]
