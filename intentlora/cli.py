@@ -121,7 +121,7 @@ def train(
     head_lr: Annotated[Optional[float], _flag("Learning rate of the new head.", RECIPE, "--lr", "--head-lr")] = None,
     loraplus_lr_ratio: Annotated[Optional[float], _flag("LoRA+: the B matrices learn at lr x this.", RECIPE, "off", "--loraplus-lr-ratio")] = None,
     head_init: Annotated[Optional[str], _flag("random | zero | label_words: how the new head starts.", RECIPE, DEFAULTS.lora.head_init, "--head-init")] = None,
-    prompt_template: Annotated[Optional[str], _flag("Prompt around each text, with {text}, e.g. 'Message: {text}\\nIntent:' (saved with the model).", RECIPE, "none", "--prompt-template")] = None,
+    prompt_template: Annotated[Optional[str], _flag("Prompt around each text, with {text} (saved with the model); none: the bare text.", RECIPE, repr(DEFAULTS.data.prompt_template), "--prompt-template")] = None,
     linear_probe_steps: Annotated[Optional[int], _flag("Train the head alone for the first N steps (LP-FT).", RECIPE, DEFAULTS.train.linear_probe_steps, "--linear-probe-steps")] = None,
     class_weights: Annotated[Optional[str], _flag("none | balanced: weight the loss against label imbalance.", RECIPE, DEFAULTS.train.class_weights, "--class-weights")] = None,
     resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume", switch=True)] = False,

@@ -22,6 +22,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable, TypeVar
 
+import yaml
+
 from intentlora.config import Config, load_config, save_config
 from intentlora.files import write_text_atomic
 
@@ -87,7 +89,12 @@ def write_config(run_dir: Path, cfg: Config) -> None:
 
 
 def read_config(run_dir: Path) -> Config:
-    return load_config(Path(run_dir) / CONFIG_FILE)
+    """The run's config. A run saved before `data.prompt_template` existed trained on the bare text, whatever the
+    default is now."""
+    path = Path(run_dir) / CONFIG_FILE
+    saved = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    bare = isinstance(saved.get("data"), dict) and "prompt_template" not in saved["data"]
+    return load_config(path, assignments=[("data.prompt_template", None)] if bare else None)
 
 
 def write_labels(folder: Path, labels: list[str]) -> None:

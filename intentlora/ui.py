@@ -530,10 +530,10 @@ def finished_run(runs_dir: Path, name: str) -> Path:
 
 def test_examples(run_dir: Path, labels: list[str]):
     """The run's test set as `train` scored it: its file, label set and sample limit."""
-    from intentlora.config import load_config
     from intentlora.data import load_file, subsample
+    from intentlora.rundir import read_config as run_config
 
-    cfg = load_config(run_dir / "config.yaml")
+    cfg = run_config(run_dir)
     loaded = load_file(cfg.data.test, labels, drop_unknown=True, text_field=cfg.data.text_field, label_field=cfg.data.label_field)
     if loaded.errors:
         raise HTTPException(409, f"the run's test set cannot be read: {loaded.errors[0]}")

@@ -88,9 +88,12 @@ def tiny_config(model: Path, train: Path, test: Path, output: Path, **overrides)
         "train.epochs": 2, "train.lr": 5e-3, "train.batch_size": 8, "train.precision": "fp32",
         # Exactly `epochs` passes: the default step floor and early stopping are tested in test_recipe.py.
         "train.min_steps": 0, "train.early_stopping_patience": None,
+        # The bare text, so token counts and truncation are the texts' own: the default template is tested in
+        # test_recipe.py (every entry point) and test_e2e.py (the real model, defaults).
+        "data.prompt_template": None,
     }
     values.update(overrides)
-    return load_config(None, values)
+    return load_config(None, assignments=list(values.items()))  # as --set: None sets null, not "not given"
 
 
 THREE_LABELS = ["balance", "card_lost", "refund"]

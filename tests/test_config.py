@@ -88,6 +88,7 @@ def test_recipe_values_from_the_command_line():
         "train.early_stopping_patience=none", "train.head_lr=1e-3", 'data.prompt_template="Q: {text}\\nA:"', "lora.head_init=label_words")))
     assert cfg.train.early_stopping_patience is None and cfg.train.head_lr == 1e-3
     assert cfg.data.prompt_template == "Q: {text}\nA:" and cfg.lora.head_init == "label_words"
+    assert load_config(overrides={"data.prompt_template": "none"}).data.prompt_template is None  # --prompt-template none
 
 
 def test_set_null_clears_a_setting_that_has_a_default():
