@@ -136,6 +136,7 @@ def decide():
     asked.append(os.environ["RANK"])
     return "choice of rank " + os.environ["RANK"]
 print(f"rank {os.environ['RANK']} got {rank_zero_decides(decide)!r}, asked {asked}", flush=True)
+os._exit(0)  # as the CLI's ranks leave: a Gloo group torn down at interpreter exit can abort (docs/RELIABILITY.md)
 """
 
 
