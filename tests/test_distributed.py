@@ -129,7 +129,7 @@ def test_a_killed_two_process_run_resumes_from_its_checkpoint(runs, tiny_qwen2, 
 
 
 RANK_ZERO_DECIDES = """
-import os, sys
+import os
 from intentlora.rundir import rank_zero_decides
 asked = []
 def decide():

@@ -11,11 +11,11 @@ from transformers import TrainingArguments
 from typer.testing import CliRunner
 
 from intentlora.cli import app
+from intentlora.config import DEFAULT_PROMPT_TEMPLATE, load_config
 from intentlora.data import Example
 from intentlora.inference import apply_template, batched_logits, encode
 from intentlora.models import add_lora, init_head, label_word_rows, label_words, load_classifier, load_run, load_tokenizer, merge_run
 from intentlora.predict import IntentClassifier
-from intentlora.config import DEFAULT_PROMPT_TEMPLATE, load_config
 from intentlora.rundir import read_config, read_inference_settings
 from intentlora.train import IntentTrainer, LinearProbeFirst, class_weights, load_data, tokenize, train
 from tests.conftest import tiny_config, write_jsonl
@@ -115,7 +115,6 @@ def test_the_template_is_applied_in_training_and_every_entry_point(template_run,
         assert evaluated["accuracy"] == pytest.approx(reported["accuracy"], abs=1e-12)
 
 
-
 def test_a_run_saved_before_templates_existed_is_read_as_bare_text(template_run, tmp_path):
     """The default template is new; a run whose config.yaml has no data.prompt_template trained on the bare text."""
     import yaml
@@ -128,6 +127,7 @@ def test_a_run_saved_before_templates_existed_is_read_as_bare_text(template_run,
     assert load_config().data.prompt_template == DEFAULT_PROMPT_TEMPLATE  # what a fresh run gets
     assert read_config(tmp_path).data.prompt_template is None
     assert read_config(tmp_path).train == cfg.train  # the rest as saved
+
 
 def peft_trainer(tiny_qwen2, tmp_path, **options):
     tokenizer = load_tokenizer(str(tiny_qwen2))
