@@ -17,11 +17,16 @@ def scores_by_label(prediction) -> dict[str, float]:
 
 
 def assert_same(predictions, expected, tol=1e-5):
-    assert [p.label for p in predictions] == [p.label for p in expected]
+    """Scores agree within `tol`; so must the labels, except where the expected top two are within 2 * tol
+    (a tiny random model's near-ties legitimately swap under bf16)."""
+    assert len(predictions) == len(expected)
     for p, e in zip(predictions, expected):
         assert scores_by_label(p).keys() == scores_by_label(e).keys()
         for label, score in scores_by_label(e).items():
             assert scores_by_label(p)[label] == pytest.approx(score, abs=tol)
+        top, runner_up = (sorted(scores_by_label(e).values(), reverse=True) + [0.0])[:2]
+        if top - runner_up > 2 * tol:
+            assert p.label == e.label
 
 
 def copy_run(run, tmp_path, name="run"):
