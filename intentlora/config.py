@@ -70,6 +70,10 @@ class LoraConfig:
     # measured best); None: the reference's attention query/value, named per
     # architecture (q_proj/v_proj, query/value, ...); or an explicit list.
     target_modules: list[str] | None = field(default_factory=lambda: ["all-linear"])
+    # Adapt only the last N transformer layers (None: all). The layers below
+    # stay frozen and need no backward pass: half of them saves about a third
+    # of a training step (docs/BENCHMARKS.md).
+    top_layers: int | None = None
     # The new classification head's start: random (transformers' init), zero
     # (step 0 costs exactly ln(labels)), or label_words (each row the model's
     # output embedding of its label's words: the name, or eval.label_descriptions;

@@ -11,6 +11,7 @@ import copy
 import dataclasses
 import importlib.util
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -285,11 +286,29 @@ def best_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     return candidates[min(range(len(candidates)), key=losses.__getitem__)]
 
 
-def target_modules_for(model: PreTrainedModel, override: list[str] | None = None) -> list[str] | str:
-    """The override, else per architecture; ["all-linear"] is PEFT's every-linear-layer shortcut."""
+def target_modules_for(model: PreTrainedModel, override: list[str] | None = None, top_layers: int | None = None) -> list[str] | str:
+    """The override, else per architecture; ["all-linear"] is PEFT's every-linear-layer shortcut, spelled out
+    as module names when only the top layers are adapted (PEFT takes layers_to_transform with names only)."""
     if override == ["all-linear"]:
-        return "all-linear"
+        return "all-linear" if top_layers is None else linear_module_names(model)
     return override or TARGET_MODULES.get(model.config.model_type, DEFAULT_TARGET_MODULES)
+
+
+def linear_module_names(model: PreTrainedModel) -> list[str]:
+    """The last name of every linear layer inside the numbered transformer layers: what "all-linear" adapts."""
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear) and re.search(r"\.\d+\.", name)}
+    return sorted(names)
+
+
+def top_layer_indices(model: PreTrainedModel, top_layers: int | None) -> list[int] | None:
+    """The indices of the last `top_layers` transformer layers (None: every layer)."""
+    if top_layers is None:
+        return None
+    count = model.config.num_hidden_layers
+    if not 1 <= top_layers <= count:
+        raise ValueError(f"lora.top_layers must be between 1 and the model's {count} layers, got {top_layers}")
+    return list(range(count - top_layers, count))
 
 
 def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
@@ -299,7 +318,8 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
-        target_modules=target_modules_for(model, cfg.target_modules),
+        target_modules=target_modules_for(model, cfg.target_modules, cfg.top_layers),
+        layers_to_transform=top_layer_indices(model, cfg.top_layers),
     )
     peft_model = get_peft_model(model, peft_config)
     # Trainable weights stay fp32 even on a bf16 base: bf16 updates of a small

@@ -212,6 +212,8 @@ def check_settings(cfg: Config) -> None:
         raise ValueError(f"lora.head_init must be one of {', '.join(HEAD_INITS)}, got {cfg.lora.head_init!r}")
     if t.class_weights not in CLASS_WEIGHTS:
         raise ValueError(f"train.class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {t.class_weights!r}")
+    if cfg.lora.top_layers is not None and cfg.lora.top_layers < 1:
+        raise ValueError(f"lora.top_layers is a number of layers (>= 1) or none (all), got {cfg.lora.top_layers}")
     template = cfg.data.prompt_template
     if template is not None and template.count("{text}") != 1:
         raise ValueError(f"data.prompt_template must contain {{text}} exactly once (where each text goes), got {template!r}")

@@ -71,6 +71,28 @@ def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
     assert 0 < n_trainable < n_total
 
 
+@pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_bert"])
+def test_top_layers_adapts_every_linear_layer_of_the_last_layers_only(fixture, request):
+    model, tokenizer = classifier(request.getfixturevalue(fixture))
+    count = model.config.num_hidden_layers
+    peft_model = add_lora(model, LoraConfig(r=4, alpha=8, target_modules=["all-linear"], top_layers=1))
+    adapted = {n.split(".lora_A")[0] for n, _ in peft_model.named_parameters() if ".lora_A." in n}
+    everywhere = add_lora(classifier(request.getfixturevalue(fixture))[0], LoraConfig(r=4, alpha=8, target_modules=["all-linear"]))
+    every = {n.split(".lora_A")[0] for n, _ in everywhere.named_parameters() if ".lora_A." in n}
+    assert adapted and adapted == {n for n in every if f".{count - 1}." in n}
+
+    batch = tokenizer(["查余额", "refund please"], padding=True, return_tensors="pt")
+    peft_model(**batch, labels=torch.tensor([0, 1])).loss.backward()
+    assert {n for n, p in peft_model.named_parameters() if p.grad is not None} == {
+        n for n, p in peft_model.named_parameters() if p.requires_grad}  # the adapters and the head learn
+
+
+def test_top_layers_must_fit_the_model(tiny_qwen2):
+    model, _ = classifier(tiny_qwen2)
+    with pytest.raises(ValueError, match="lora.top_layers must be between 1 and the model's 2 layers, got 3"):
+        add_lora(model, LoraConfig(target_modules=["all-linear"], top_layers=3))
+
+
 def test_pickle_weights_are_refused_unless_allowed(pickled_qwen2, tiny_qwen2):
     with pytest.raises(PickleWeightsError, match=r"pickle files only \(pytorch_model.bin\).*--allow-pickle"):
         classifier(pickled_qwen2)

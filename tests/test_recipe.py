@@ -219,6 +219,22 @@ def test_early_stopping_stops(tiny_qwen2, small_data, tmp_path):
     assert len(evaluations) == 2
 
 
+def test_a_run_adapting_the_top_layers_saves_reloads_and_merges_them(tiny_qwen2, small_data, tmp_path):
+    """Only the last layer's adapters are saved; the run's reload check passed (train raises otherwise); its export agrees."""
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{
+        "lora.target_modules": ["all-linear"], "lora.top_layers": 1, "eval.baselines": []})
+    result = train(cfg, echo=lambda _: None)
+    saved = load_file(result.run_dir / "adapter" / "adapter_model.safetensors")
+    adapted = {k.split(".lora_")[0] for k in saved if ".lora_" in k}
+    assert adapted and all(".layers.1." in k for k in adapted)
+    assert {k.rsplit(".", 1)[-1] for k in adapted} == {"down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"}
+    texts = ["查余额", "退款", "卡丢了"]
+    run_probs = IntentClassifier.from_pretrained(result.run_dir).probabilities(texts)
+    export = merge_run(result.run_dir, tmp_path / "export")
+    torch.testing.assert_close(IntentClassifier.from_pretrained(export).probabilities(texts), run_probs, atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("select_best", [True, False])
 def test_the_saved_model_is_the_selected_checkpoint(select_best, tiny_qwen2, small_data, tmp_path):
     """select_best: the adapter saved is the best validation checkpoint's; off: the last step's."""
@@ -244,6 +260,7 @@ def test_the_saved_model_is_the_selected_checkpoint(select_best, tiny_qwen2, sma
     ("train.early_stopping_patience", 0, "early_stopping_patience"),
     ("train.head_lr", -1.0, "head_lr"),
     ("train.precision", "fp16", "fp32 or bf16-weights"),
+    ("lora.top_layers", 0, "top_layers"),
 ])
 def test_bad_recipe_settings_are_refused_before_loading(key, value, message, tmp_path):
     from intentlora.config import load_config
