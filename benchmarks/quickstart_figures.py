@@ -136,6 +136,8 @@ def main() -> None:
     parser.add_argument("--skip-conversion", action="store_true", help="do not time the one-time model conversion")
     parser.add_argument("--output", type=Path, default=None, help="keep the run (and figures.json) here instead of a temporary folder")
     parser.add_argument("--quiet", action="store_true", help="hide the quickstart's own output")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="assignments",
+                        help="passed to `intentlora train --set`: the quickstart with one setting changed (repeatable)")
     args = parser.parse_args()
 
     work = args.output or Path(tempfile.mkdtemp(prefix="quickstart-"))
@@ -146,6 +148,7 @@ def main() -> None:
             from bench_train import smoke_model
 
             extra = ["--model", str(smoke_model(work / "tiny-model")), "--max-train-samples", "32", "--max-test-samples", "16", "--epochs", "1"]
+        extra += [part for assignment in args.assignments for part in ("--set", assignment)]
         conversion = None
         if not (args.smoke or args.skip_conversion):
             from intentlora.config import Config

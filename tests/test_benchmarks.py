@@ -29,10 +29,12 @@ def test_quickstart_figures_smoke(tmp_path):
     from intentlora.report import display_name, verdict
 
     work = tmp_path / "work"
-    command = [sys.executable, str(ROOT / "benchmarks" / "quickstart_figures.py"), "--smoke", "--quiet", "--output", str(work)]
+    command = [sys.executable, str(ROOT / "benchmarks" / "quickstart_figures.py"), "--smoke", "--quiet", "--output", str(work),
+               "--set", "data.prompt_template=null"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     [metrics_file] = (work / "runs").glob("*/metrics.json")
+    assert "prompt_template: null" in (metrics_file.parent / "config.yaml").read_text()  # --set reached the run
     metrics = json.loads(metrics_file.read_text())
     figures = json.loads((work / "figures.json").read_text())["quickstart"]
     assert figures["wall_s"] > 0 and 0 < figures["peak_rss_mb"] < 64 * 1024
