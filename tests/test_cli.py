@@ -58,13 +58,14 @@ def test_train_then_merge(tmp_path, small_data, tiny_qwen2):
     config.write_text("train:\n  epochs: 1\n  precision: fp32\n  lr: 0.005\n", encoding="utf-8")
     run = tmp_path / "run"
     args = ["train", "-c", str(config), "--model", str(tiny_qwen2), "--train", str(train_file), "--test", str(test_file),
-            "--batch-size", "4", "--max-train-samples", "30", "--output", str(run), "--set", "lora.r=4"]
+            "--batch-size", "4", "--max-train-samples", "30", "--output", str(run), "--set", "lora.r=4", "--lora-top-layers", "1"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "random_head" in result.output and "lora" in result.output
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["data"]["train"] + metrics["data"]["valid"] == 30
-    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    adapter_config = json.loads((run / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["layers_to_transform"] == [1]  # the last of tiny_qwen2's 2 layers
 
     merged = runner.invoke(app, ["merge", str(run), str(tmp_path / "merged")])
     assert merged.exit_code == 0, merged.output

@@ -68,7 +68,7 @@ def test_quickstart_yaml_matches_the_defaults():
 
 RECIPE_KEYS = {
     "data": ["prompt_template"],
-    "lora": ["head_init"],
+    "lora": ["head_init", "top_layers"],
     "train": ["epochs", "min_steps", "max_steps", "early_stopping_patience", "lr", "head_lr", "loraplus_lr_ratio",
               "linear_probe_steps", "class_weights"],
 }
