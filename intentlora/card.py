@@ -198,7 +198,8 @@ def config_section(metrics: dict, config: dict) -> str:
     lora, t, d = config.get("lora", {}), config.get("train", {}), config.get("data", {})
     run = metrics.get("train", {})
     items = [
-        f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, target modules {', '.join(lora.get('target_modules') or ['attention query/value'])}",
+        f"LoRA r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, target modules {', '.join(lora.get('target_modules') or ['attention query/value'])}"
+        + (f" in the last {lora['top_layers']} layers" if lora.get("top_layers") else ""),
         f"{t.get('epochs')} epochs, learning rate {t.get('lr')}, batch size {t.get('batch_size')} x {t.get('grad_accum', 1)} accumulation, "
         f"{t.get('lr_scheduler')} schedule with warmup {t.get('warmup_ratio')}, seed {t.get('seed')}",
         f"precision {run.get('precision', t.get('precision'))}, max length {d.get('max_length')} tokens",

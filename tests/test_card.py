@@ -15,7 +15,7 @@ import pytest
 import yaml
 from huggingface_hub import ModelCard
 
-from intentlora.card import DOWNLOAD_LINE, guess_language, hub_base_model, write_model_card
+from intentlora.card import DOWNLOAD_LINE, guess_language, hub_base_model, render_model_card, write_model_card
 from intentlora.data import load_file
 from intentlora.predict import IntentClassifier
 
@@ -62,6 +62,9 @@ def test_run_card_metadata_and_numbers(tiny_run, tmp_path):
     assert f"| **lora (this model)** | {metrics['lora']['macro_f1']:.4f} |" in card.text
     assert f"truncated: only their first {config['data']['max_length']} tokens" in card.text
     assert "No fallback threshold is stored" in card.text
+    assert " layers\n" not in card.text  # every layer adapted: nothing to say
+    config["lora"]["top_layers"] = 1
+    assert "in the last 1 layers\n" in render_model_card(run, metrics, config, merged=False)
 
 
 def test_card_states_the_calibrated_threshold(tiny_run, tmp_path):
