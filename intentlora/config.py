@@ -42,8 +42,8 @@ class DataConfig:
     max_test_samples: int | None = None
     max_length: int = 128  # truncation limit in tokens; batches pad to their longest
     # LM-BFF style prompt around each text: it ends where the model would answer, so
-    # the head reads the position that predicts the intent (+1.4 macro-F1 on average over
-    # 12 paired suite runs, for 1.2-2x the tokens; docs/QUALITY.md). Part of the model:
+    # the head reads the position that predicts the intent (+1.3 macro-F1 on average over
+    # 13 paired suite runs, for 1.2-2x the tokens; docs/QUALITY.md). Part of the model:
     # saved with the run and the export, applied by every entry point; truncation cuts
     # the text, never the template. None: the bare text.
     prompt_template: str | None = DEFAULT_PROMPT_TEMPLATE
