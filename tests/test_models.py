@@ -4,6 +4,7 @@ from peft import PeftModel
 
 from intentlora.config import LoraConfig, ModelConfig
 from intentlora.models import (
+    CpuDropout,
     PickleWeightsError,
     add_lora,
     head_with_outputs,
@@ -69,6 +70,34 @@ def test_lora_trains_adapters_and_head_only_in_fp32(tiny_qwen2):
     assert any(p.dtype == torch.bfloat16 for n, p in peft_model.named_parameters() if not p.requires_grad)
     n_trainable, n_total = parameter_counts(peft_model)
     assert 0 < n_trainable < n_total
+
+
+def test_cpu_dropout_drops_p_of_the_elements_and_keeps_the_expectation():
+    dropout = CpuDropout(0.05)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    torch.manual_seed(0)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.05) < 0.001  # 4.5 standard deviations of a rate over 1e6 draws
+    assert torch.allclose(y[y != 0], torch.tensor(dropout.scale)) and abs(dropout.scale - 1 / 0.95) < 1e-4
+    assert abs(y.mean().item() - 1) < 0.002
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient flows through the kept elements, scaled alike
+    torch.manual_seed(0)
+    assert torch.equal(dropout(x), y)  # the seed decides the mask, so runs and resumes repeat
+    assert not torch.equal(dropout(x), y)
+    assert dropout(x.detach().bfloat16()).dtype == torch.bfloat16
+    dropout.eval()
+    assert dropout(x) is x
+
+
+def test_lora_dropout_on_cpu_is_cpu_dropout_with_the_configured_rate(tiny_qwen2):
+    peft_model = add_lora(classifier(tiny_qwen2)[0], LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["all-linear"]))
+    dropouts = [d for n, d in peft_model.named_modules() if ".lora_dropout." in n]
+    adapted = [n for n, _ in peft_model.named_parameters() if ".lora_A." in n]
+    assert len(dropouts) == len(adapted) and all(isinstance(d, CpuDropout) and d.p == 0.1 for d in dropouts)
+    no_dropout = add_lora(classifier(tiny_qwen2)[0], LoraConfig(r=4, alpha=8, dropout=0.0))
+    assert not any(isinstance(m, CpuDropout) for m in no_dropout.modules())
 
 
 @pytest.mark.parametrize("fixture", ["tiny_qwen2", "tiny_bert"])
