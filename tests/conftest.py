@@ -88,6 +88,8 @@ def tiny_config(model: Path, train: Path, test: Path, output: Path, **overrides)
         "train.epochs": 2, "train.lr": 5e-3, "train.batch_size": 8, "train.precision": "fp32",
         # Exactly `epochs` passes: the default step floor and early stopping are tested in test_recipe.py.
         "train.min_steps": 0, "train.early_stopping_patience": None,
+        # Dropout on (the default is off), so that resuming and checkpointing must replay the RNG state.
+        "lora.dropout": 0.05,
         # The bare text, so token counts and truncation are the texts' own: the default template is tested in
         # test_recipe.py (every entry point) and test_e2e.py (the real model, defaults).
         "data.prompt_template": None,
