@@ -65,8 +65,8 @@ class ModelConfig:
 class LoraConfig:
     r: int = 16
     alpha: int = 32
-    # No dropout: 1.3x faster training on the 0.5B (its masks cost a fifth of a step), -0.23 macro-F1 on
-    # average over 6 paired runs of the quality suite (docs/QUALITY.md); the reference used 0.05.
+    # No dropout: 1.3x faster training on the 0.5B (its masks cost a fifth of a step), +0.06 macro-F1 on
+    # average over 9 paired runs of the quality suite (docs/QUALITY.md, "No dropout"); the reference used 0.05.
     dropout: float = 0.0
     # ["all-linear"]: every linear layer but the head (what the quickstart
     # measured best); None: the reference's attention query/value, named per

@@ -333,19 +333,16 @@ def add_lora(model: PreTrainedModel, cfg: LoraConfig) -> PeftModel:
     return peft_model
 
 
-def use_cpu_dropout(model: torch.nn.Module) -> int:
-    """Swap LoRA's nn.Dropout modules for CpuDropout (same p, same scaling); returns how many.
+def use_cpu_dropout(model: torch.nn.Module) -> None:
+    """Swap LoRA's nn.Dropout modules for CpuDropout (same p, same scaling).
 
     On a CPU, nn.Dropout draws one random float per element: on the 0.5B with
     LoRA on every linear layer that was a fifth of a training step."""
-    swapped = 0
     for module in model.modules():
         if isinstance(module, LoraLayer):
             for name, dropout in module.lora_dropout.items():
                 if isinstance(dropout, torch.nn.Dropout) and 0 < dropout.p < 1:
                     module.lora_dropout[name] = CpuDropout(dropout.p)
-                    swapped += 1
-    return swapped
 
 
 class CpuDropout(torch.nn.Module):
