@@ -105,14 +105,14 @@ def build_dataset(name: str, folder: Path, test_per_intent: int, smoke: bool) ->
     return {"train": write_rows(folder / "train.jsonl", train), "test": write_rows(folder / "test.jsonl", test)}
 
 
-def tfidf(files: dict, valid_fraction: float = 0.0, seed: int = 0) -> dict:
+def tfidf(files: dict, valid_fraction: float | None = None, seed: int = 0) -> dict:
     """TF-IDF on the whole training file, or (valid_fraction > 0) on the part a LoRA run with this seed trains on."""
     from intentlora.data import load_file, stratified_split
     from intentlora.evaluate import tfidf_baseline
 
     train, test = load_file(files["train"]).examples, load_file(files["test"]).examples
     labels = sorted({ex.label for ex in train})
-    if valid_fraction > 0:
+    if valid_fraction:
         train, _ = stratified_split(train, valid_fraction, seed)  # as `train` splits off its validation set
     start = time.perf_counter()
     m = tfidf_baseline(train, [ex for ex in test if ex.label in labels], labels)

@@ -178,7 +178,8 @@ def labels_section(metrics: dict, train_rows: list[tuple[str, str]]) -> str:
     for label in metrics["labels"]:
         support = metrics["lora"]["per_class"][label]["support"]
         rows.append(f"| {label} | {train_counts[label]} | {support} |" if train_counts else f"| {label} | {support} |")
-    sizes = f"Examples used: {d.get('train', '?')} train, {d.get('valid', '?')} validation (early stopping), {d.get('test', '?')} test."
+    validation = "no validation set" if d.get("valid") == 0 else f"{d.get('valid', '?')} validation (early stopping)"
+    sizes = f"Examples used: {d.get('train', '?')} train, {validation}, {d.get('test', '?')} test."
     note = "" if train_counts else "\n\nThe training file could not be read when this card was written, so its class counts are missing."
     return "## Labels and data\n\n" + sizes + "\n\n" + header + "\n" + "\n".join(rows) + note
 

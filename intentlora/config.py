@@ -29,11 +29,13 @@ DEFAULT_PROMPT_TEMPLATE = "Message: {text}\nIntent:"
 class DataConfig:
     train: str = str(BUNDLED_DATA / "train.jsonl")
     test: str = str(BUNDLED_DATA / "test.jsonl")
-    # Optional validation file (early stopping; the checkpoint with train.select_best). Without one, a
-    # stratified `valid_fraction` of train is held out; 0 evaluates on test
-    # (what the reference recipe does).
+    # Optional validation file (early stopping; the checkpoint with train.select_best). Without one,
+    # `valid_fraction` of each label in train is held out, never more (a label with fewer than
+    # 1 / valid_fraction texts keeps them all; nothing held out: no validation); 0 evaluates on test
+    # (what the reference recipe does); None: no validation, every training text trains
+    # (no early stopping, no validation curves).
     valid: str | None = None
-    valid_fraction: float = 0.1
+    valid_fraction: float | None = 0.1
     labels: list[str] | None = None  # None: the labels found in train, sorted
     text_field: str = "text"
     label_field: str = "label"

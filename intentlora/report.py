@@ -110,9 +110,12 @@ def write_report(run_dir: Path, metrics: dict, test: list[Example], probs: torch
     correct = [labels[p] == ex.label for p, ex in zip(predicted.tolist(), test)]
     name, d = model_name(metrics), metrics["data"]
     title = f"{name} on test ({len(test):,} texts)"
-    valid = f"test ({d['test']:,} texts, also the validation set)" if d.get("valid_is_test") else f"valid ({d['valid']:,} texts)"
+    if d.get("valid_is_test"):
+        evaluated = f", evaluated on test ({d['test']:,} texts, also the validation set)"
+    else:
+        evaluated = f", evaluated on valid ({d['valid']:,} texts)" if d["valid"] else ", no validation set"
     save_figure(confusion_matrix_figure(np.array(metrics["lora"]["confusion_matrix"]), labels, title), run_dir / PLOTS[0])
-    save_figure(training_curves_figure(metrics["train"]["log_history"], f"{name}: training on train ({d['train']:,} texts), evaluated on {valid}"),
+    save_figure(training_curves_figure(metrics["train"]["log_history"], f"{name}: training on train ({d['train']:,} texts){evaluated}"),
                 run_dir / PLOTS[1])
     save_figure(confidence_histogram_figure(confidences.tolist(), correct, title), run_dir / PLOTS[2])
     write_text_atomic(run_dir / "errors.jsonl", "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in errors))
@@ -244,6 +247,9 @@ def training_curves_figure(log_history: list[dict], title: str = ""):
         # Two axes share the panel: one legend, outside it, covers no point of either.
         right.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
         right.set_xlim(min(epochs) - 0.25, max(epochs) + 0.25)
+    else:
+        right.text(0.5, 0.5, "no evaluation during training\n(no validation set)", ha="center", va="center", transform=right.transAxes)
+        right.set_axis_off()
     right.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers: no ticks at 1.25
     right.set_xlabel("epoch")
     right.set_ylabel("loss")

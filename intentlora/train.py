@@ -265,6 +265,13 @@ def load_data(cfg: Config, echo=None) -> Splits:
         report(summarize(splits.problems, "the given labels (data.labels)" if d.labels else "the training file's labels"))
     shown = ", ".join(splits.labels[:12]) + (f", ... ({len(splits.labels)} in all)" if len(splits.labels) > 12 else "")
     report(f"data: {len(splits.train)} train, {len(splits.valid)} valid, {len(splits.test)} test; labels: {shown}")
+    if not splits.valid:
+        if cfg.train.select_best:
+            raise ValueError("train.select_best picks a checkpoint on validation data, and there is none: give --valid")
+        why = "data.valid_fraction none" if d.valid_fraction is None else (
+            f"every label has fewer than {math.ceil(1 / d.valid_fraction)} training texts, and data.valid_fraction "
+            f"{d.valid_fraction:g} never takes more than that share of one")
+        report(f"no validation set ({why}): every training text trains; no early stopping, no validation curves")
     if d.valid is None and d.valid_fraction == 0:
         report.warning("data.valid_fraction is 0 and no --valid file: the test set is also the validation set "
                        "(early stopping, and the checkpoint with train.select_best), so the test score is optimistic")
@@ -365,6 +372,7 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
     t = cfg.train
     # Evaluate whenever a checkpoint is saved: picking the best one needs both on the same schedule.
     schedule = "steps" if t.save_steps else "epoch"
+    validating = bool(splits.valid)  # none: valid_fraction none, or every label under 1 / valid_fraction texts
     args = TrainingArguments(
         output_dir=str(checkpoints_dir(run_dir)),
         max_steps=planned_steps(cfg, len(splits.train)),
@@ -381,7 +389,7 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         activation_checkpointing_kwargs={"use_reentrant": False},  # works with frozen inputs (LoRA) as is
         use_cpu=device.type == "cpu",  # accelerate refuses bf16 on CPU otherwise
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        eval_strategy=schedule,
+        eval_strategy=schedule if validating else "no",
         save_strategy=schedule,
         **({"eval_steps": t.save_steps, "save_steps": t.save_steps} if t.save_steps else {}),
         save_total_limit=2,  # the best and the latest (HF never rotates the best away; at 1 it would drop the latest)
@@ -411,14 +419,14 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
         model=model,
         args=args,
         train_dataset=tokenize(tokenizer, splits.train, splits.labels, cfg),
-        eval_dataset=tokenize(tokenizer, splits.valid, splits.labels, cfg),
+        eval_dataset=tokenize(tokenizer, splits.valid, splits.labels, cfg) if validating else None,
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=compute_metrics,
     )
     trainer.remove_callback(PrinterCallback)  # raw dicts on the console
     trainer.add_callback(ReporterCallback(report))
     place_logs(trainer.callback_handler.callbacks, run_dir)  # TensorBoard into RUN/tensorboard: checkpoints/ is deleted at the end
-    if t.early_stopping_patience is not None:
+    if t.early_stopping_patience is not None and validating:
         trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=t.early_stopping_patience))
     if t.linear_probe_steps:
         trainer.add_callback(LinearProbeFirst(t.linear_probe_steps))

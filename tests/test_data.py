@@ -1,6 +1,7 @@
 import csv
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,10 @@ def test_load_splits_collects_all_errors_and_defaults_labels(tmp_path):
     splits = load_splits(str(train), str(test), valid_fraction=0.2)
     assert splits.labels == ["a", "b"]
     assert (len(splits.train), len(splits.valid), len(splits.test)) == (16, 4, 1)
+    every = load_splits(str(train), str(test), valid_fraction=None)  # no validation: every text trains, test stays test
+    assert (len(every.train), len(every.valid), len(every.test)) == (20, 0, 1)
+    small = load_splits(str(train), str(test), valid_fraction=0.05)  # 10 texts a label: 5% of one is no text
+    assert (len(small.train), len(small.valid)) == (20, 0)
     assert any("same text as" in str(p) and p.severity == "warning" for p in splits.problems)
 
 
@@ -112,6 +117,16 @@ def test_stratified_split_keeps_every_label_and_loses_nothing():
     assert sorted(train + valid, key=lambda e: e.source) == sorted(examples, key=lambda e: e.source)
     assert {e.label for e in valid} == {"a", "b", "c"}  # 'd' has one example: it stays in train
     assert stratified_split(examples, 0.2, seed=1) == (train, valid)
+
+
+def test_stratified_split_never_takes_more_than_the_fraction_of_a_label():
+    """5 texts at 0.1: none held out (rounding up took 1 of 5, a fifth of a rare intent); 10: one; 10 at 0.3: three."""
+    from intentlora.data import Example
+
+    examples = [Example(f"{label}{i}", label, f"f:{label}{i}") for label, n in (("rare", 5), ("ten", 10), ("many", 84)) for i in range(n)]
+    held = Counter(e.label for e in stratified_split(examples, 0.1, seed=1)[1])
+    assert held == {"ten": 1, "many": 8}
+    assert Counter(e.label for e in stratified_split(examples, 0.3, seed=1)[1]) == {"rare": 1, "ten": 3, "many": 25}
 
 
 def test_normalize_ignores_case_width_space_and_punctuation():

@@ -219,6 +219,31 @@ def test_early_stopping_stops(tiny_qwen2, small_data, tmp_path):
     assert len(evaluations) == 2
 
 
+def test_without_a_validation_set_every_text_trains_and_nothing_is_evaluated(tiny_qwen2, small_data, tmp_path):
+    """data.valid_fraction none: no split, no evaluation during training, early stopping idle; the report says so."""
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{
+        "data.valid_fraction": None, "train.early_stopping_patience": 1, "train.lr": 1e-12, "train.min_steps": 20,
+        "train.epochs": 1, "eval.baselines": []})
+    result = train(cfg, echo=lambda _: None)
+    t, d = result.metrics["train"], result.metrics["data"]
+    assert d["valid"] == 0 and not d["valid_is_test"] and d["train"] == sum(1 for _ in open(train_file, encoding="utf-8"))
+    assert not any("eval_loss" in e for e in t["log_history"])
+    assert t["steps"] == 20 and not t["stopped_early"]  # patience 1 at lr 1e-12 stops after two evaluations when there are any
+    assert "no validation set" in (result.run_dir / "README.md").read_text(encoding="utf-8")  # the model card
+
+
+def test_select_best_without_validation_data_is_refused_before_the_model_loads(small_data):
+    from intentlora.config import load_config
+    from intentlora.train import load_data
+
+    train_file, test_file = small_data  # 2 to 12 texts a label: 5% of one is no text
+    cfg = load_config(None, {"data.train": str(train_file), "data.test": str(test_file), "train.select_best": True,
+                             "data.valid_fraction": 0.05})
+    with pytest.raises(ValueError, match="select_best .* there is none"):
+        load_data(cfg, echo=lambda _: None)
+
+
 def test_a_run_adapting_the_top_layers_saves_reloads_and_merges_them(tiny_qwen2, small_data, tmp_path):
     """Only the last layer's adapters are saved; the run's reload check passed (train raises otherwise); its export agrees."""
     train_file, test_file = small_data
