@@ -112,8 +112,10 @@ def write_report(run_dir: Path, metrics: dict, test: list[Example], probs: torch
     title = f"{name} on test ({len(test):,} texts)"
     if d.get("valid_is_test"):
         evaluated = f", evaluated on test ({d['test']:,} texts, also the validation set)"
+    elif d["valid"]:
+        evaluated = f", evaluated on valid ({d['valid']:,} texts)"
     else:
-        evaluated = f", evaluated on valid ({d['valid']:,} texts)" if d["valid"] else ", no validation set"
+        evaluated = ", no validation set"
     save_figure(confusion_matrix_figure(np.array(metrics["lora"]["confusion_matrix"]), labels, title), run_dir / PLOTS[0])
     save_figure(training_curves_figure(metrics["train"]["log_history"], f"{name}: training on train ({d['train']:,} texts){evaluated}"),
                 run_dir / PLOTS[1])
