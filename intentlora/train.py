@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from peft.helpers import disable_input_dtype_casting
 from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
@@ -296,7 +297,12 @@ def count_truncated(tokenizer, texts: list[str], cfg: Config) -> int:
 def load_base(model_path: str, labels: list[str], tokenizer, precision: str, cfg: Config, device):
     """The classifier to train (and to reload the adapter onto) in the training precision."""
     weights, compute = training_dtypes(precision)
-    return load_classifier(model_path, labels, tokenizer.pad_token_id, compute, cfg.model, device, weights_dtype=weights)
+    model = load_classifier(model_path, labels, tokenizer.pad_token_id, compute, cfg.model, device, weights_dtype=weights)
+    if precision == "bf16" and device.type == "cpu":
+        # PyTorch's CPU SDPA kernel is slow backwards in bf16 (10% of a training step on short texts); eager
+        # attention's plain matrix products are not (docs/BENCHMARKS.md, "Attention and casts").
+        model.set_attn_implementation("eager")
+    return model
 
 
 def describe(precision: str) -> str:
@@ -599,8 +605,11 @@ def fit(run: Run) -> Fit:
     tokens = TokenCounter()
     hook = run.model.register_forward_pre_hook(tokens, with_kwargs=True)
     start = time.perf_counter()
+    # Under bf16 autocast, PEFT's cast of each adapted layer's input to the adapter's fp32 weights is undone by
+    # autocast at once: two copies of every input for the same product. Outside training (no autocast) it is needed.
     try:
-        run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+        with disable_input_dtype_casting(run.model, active=run.precision == "bf16"):
+            run.trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     finally:
         hook.remove()
     seconds = time.perf_counter() - start

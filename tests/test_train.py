@@ -129,6 +129,57 @@ def test_bf16_weights_trains_on_the_rounded_base_and_its_adapter_reloads_exactly
     assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-5
 
 
+@pytest.mark.parametrize(("precision", "attention", "uncast"), [("bf16", "eager", True), ("fp32", "sdpa", False)])
+def test_bf16_on_a_cpu_trains_with_eager_attention_and_uncast_lora_inputs(precision, attention, uncast, tiny_qwen2, small_data,
+                                                                          tmp_path, monkeypatch):
+    """bf16 on a CPU: eager attention for the trained model and its reload check, and PEFT's input casts off while
+    autocast trains (and back on after: the final evaluation runs without autocast). fp32 keeps SDPA and the casts."""
+    import intentlora.train as training
+
+    loaded, casting = [], []
+    real_load, real_casting = training.load_base, training.disable_input_dtype_casting
+    monkeypatch.setattr(training, "load_base", lambda *a: loaded.append(real_load(*a)) or loaded[-1])
+    monkeypatch.setattr(training, "disable_input_dtype_casting",
+                        lambda model, active: casting.append(active) or real_casting(model, active=active))
+    train_file, test_file = small_data
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{"train.precision": precision, "train.epochs": 1})
+    result = train(cfg, echo=lambda _: None)
+    assert [model.config._attn_implementation for model in loaded] == [attention, attention]  # training, reload check
+    assert casting == [uncast]
+    lora_layers = [m for m in loaded[0].modules() if hasattr(m, "cast_input_dtype_enabled")]
+    assert lora_layers and all(m.cast_input_dtype_enabled for m in lora_layers)  # restored for inference
+    assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-4
+
+
+def test_lora_input_casts_change_nothing_under_bf16_autocast(tiny_qwen2):
+    """Why they can go: autocast runs the adapter's product in bf16 whatever PEFT cast its input to, so the
+    logits and every gradient are the same bit for bit without the two copies."""
+    from peft.helpers import disable_input_dtype_casting
+
+    from intentlora.config import LoraConfig
+    from intentlora.models import add_lora
+
+    tokenizer = load_tokenizer(str(tiny_qwen2))
+    model = add_lora(load_classifier(str(tiny_qwen2), ["a", "b", "c"], tokenizer.pad_token_id, torch.bfloat16),
+                     LoraConfig(dropout=0.0, head_init="random"))
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)  # LoRA starts as a no-op: make its path count
+    batch = tokenizer(["my card is lost", "refund please, the item never came"], padding=True, return_tensors="pt")
+
+    def logits_and_grads(cast: bool):
+        model.zero_grad()
+        with disable_input_dtype_casting(model, active=not cast), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(**batch).logits
+        logits.float().pow(2).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    (cast_logits, cast_grads), (uncast_logits, uncast_grads) = logits_and_grads(True), logits_and_grads(False)
+    assert torch.equal(cast_logits, uncast_logits)
+    assert cast_grads.keys() == uncast_grads.keys() and any("lora_A" in n for n in cast_grads)
+    assert all(torch.equal(cast_grads[n], uncast_grads[n]) for n in cast_grads)
+
+
 def test_bert_and_bf16_with_batches(tiny_bert, small_data, tmp_path):
     train_file, test_file = small_data
     cfg = tiny_config(tiny_bert, train_file, test_file, tmp_path / "run", **{"train.precision": "bf16", "train.epochs": 1})
