@@ -42,7 +42,9 @@ from intentlora.console import Reporter, ReporterCallback, as_reporter
 from intentlora.data import Example, Splits, load_splits, summarize
 from intentlora.evaluate import classification_metrics, metrics_from_probs, tfidf_baseline
 from intentlora.files import staged_dir
-from intentlora.inference import DEFAULT_PRECISION, apply_template, batched_logits, encode, resolve_device, resolve_precision, training_dtypes
+from intentlora.inference import (
+    DEFAULT_PRECISION, apply_template, batched_logits, classifier_of, encode, resolve_device, resolve_precision, training_dtypes,
+)
 from intentlora.models import (
     add_lora,
     check_4bit_supported,
@@ -128,6 +130,7 @@ class Fit:
     real_tokens: int
     padded_tokens: int
     rows: int  # training texts passed forward (each epoch counts again)
+    attention: str  # the attention implementation it trained with (eager when training bf16 on a CPU)
 
 
 def train(cfg: Config, echo=print, resume: bool = False) -> RunResult:
@@ -294,13 +297,17 @@ def count_truncated(tokenizer, texts: list[str], cfg: Config) -> int:
     return sum(len(ids) > cfg.data.max_length for ids in lengths)
 
 
+EAGER_MAX_LENGTH = 256  # eager attention weights, batch 16 x 14 heads in bf16: 29 MB a layer at 256 tokens, 117 MB at 512
+
+
 def load_base(model_path: str, labels: list[str], tokenizer, precision: str, cfg: Config, device):
     """The classifier to train (and to reload the adapter onto) in the training precision."""
     weights, compute = training_dtypes(precision)
     model = load_classifier(model_path, labels, tokenizer.pad_token_id, compute, cfg.model, device, weights_dtype=weights)
-    if precision == "bf16" and device.type == "cpu":
+    if precision == "bf16" and device.type == "cpu" and cfg.data.max_length <= EAGER_MAX_LENGTH:
         # PyTorch's CPU SDPA kernel is slow backwards in bf16 (10% of a training step on short texts); eager
-        # attention's plain matrix products are not (docs/BENCHMARKS.md, "Attention and casts").
+        # attention's plain matrix products are not (docs/BENCHMARKS.md, "Attention and casts"). Eager keeps
+        # each layer's attention weights, which grow with the square of the length: short texts only.
         model.set_attn_implementation("eager")
     return model
 
@@ -616,7 +623,8 @@ def fit(run: Run) -> Fit:
     resumed_step = checkpoint_step(run.checkpoint) if run.checkpoint else 0
     # Throughput counts training alone: the per-epoch evaluations are timed apart.
     evaluating = sum(e.get("eval_runtime", 0.0) for e in run.trainer.state.log_history if e.get("step", 0) > resumed_step)
-    return Fit(seconds, evaluating, resumed_step, tokens.real, tokens.padded, tokens.rows)
+    return Fit(seconds, evaluating, resumed_step, tokens.real, tokens.padded, tokens.rows,
+               classifier_of(run.model).config._attn_implementation)
 
 
 # -- finalize ---------------------------------------------------------------------
@@ -736,6 +744,7 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
             "eval_samples_per_s": round(len(run.splits.test) / eval_seconds, 2),
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "precision": run.precision,
+            "attention": fitted.attention,
             "device": str(run.device),
             "epochs": round(state.epoch or 0.0, 3),  # as trained: min_steps, max_steps and early stopping decide
             "max_steps": state.max_steps,

@@ -129,11 +129,13 @@ def test_bf16_weights_trains_on_the_rounded_base_and_its_adapter_reloads_exactly
     assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-5
 
 
-@pytest.mark.parametrize(("precision", "attention", "uncast"), [("bf16", "eager", True), ("fp32", "sdpa", False)])
-def test_bf16_on_a_cpu_trains_with_eager_attention_and_uncast_lora_inputs(precision, attention, uncast, tiny_qwen2, small_data,
-                                                                          tmp_path, monkeypatch):
-    """bf16 on a CPU: eager attention for the trained model and its reload check, and PEFT's input casts off while
-    autocast trains (and back on after: the final evaluation runs without autocast). fp32 keeps SDPA and the casts."""
+@pytest.mark.parametrize(("precision", "max_length", "attention", "uncast"),
+                         [("bf16", 128, "eager", True), ("bf16", 512, "sdpa", True), ("fp32", 128, "sdpa", False)])
+def test_bf16_on_a_cpu_trains_with_eager_attention_and_uncast_lora_inputs(precision, max_length, attention, uncast, tiny_qwen2,
+                                                                          small_data, tmp_path, monkeypatch):
+    """bf16 on a CPU: eager attention for the trained model and its reload check (up to 256 tokens: its attention
+    weights grow with the square of the length), and PEFT's input casts off while autocast trains (back on after:
+    the final evaluation runs without autocast). fp32 keeps SDPA and the casts."""
     import intentlora.train as training
 
     loaded, casting = [], []
@@ -142,10 +144,11 @@ def test_bf16_on_a_cpu_trains_with_eager_attention_and_uncast_lora_inputs(precis
     monkeypatch.setattr(training, "disable_input_dtype_casting",
                         lambda model, active: casting.append(active) or real_casting(model, active=active))
     train_file, test_file = small_data
-    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{"train.precision": precision, "train.epochs": 1})
+    cfg = tiny_config(tiny_qwen2, train_file, test_file, tmp_path / "run", **{"train.precision": precision, "train.epochs": 1,
+                                                                              "data.max_length": max_length})
     result = train(cfg, echo=lambda _: None)
     assert [model.config._attn_implementation for model in loaded] == [attention, attention]  # training, reload check
-    assert casting == [uncast]
+    assert casting == [uncast] and result.metrics["train"]["attention"] == attention
     lora_layers = [m for m in loaded[0].modules() if hasattr(m, "cast_input_dtype_enabled")]
     assert lora_layers and all(m.cast_input_dtype_enabled for m in lora_layers)  # restored for inference
     assert result.metrics["parity"]["reload_max_abs_diff"] < 1e-4
