@@ -125,6 +125,7 @@ def train(
     prompt_template: Annotated[Optional[str], _flag("Prompt around each text, with {text} (saved with the model); none: the bare text.", RECIPE, repr(DEFAULTS.data.prompt_template), "--prompt-template")] = None,
     linear_probe_steps: Annotated[Optional[int], _flag("Train the head alone for the first N steps (LP-FT).", RECIPE, DEFAULTS.train.linear_probe_steps, "--linear-probe-steps")] = None,
     class_weights: Annotated[Optional[str], _flag("none | balanced: weight the loss against label imbalance.", RECIPE, DEFAULTS.train.class_weights, "--class-weights")] = None,
+    label_smoothing: Annotated[Optional[float], _flag("Share of each target spread over the other labels (regularises a loss that reaches 0).", RECIPE, DEFAULTS.train.label_smoothing, "--label-smoothing")] = None,
     resume: Annotated[bool, _flag("Continue the unfinished run in --output from its last complete checkpoint.", OUTPUT, None, "--resume", switch=True)] = False,
     output: Annotated[Optional[str], _flag("Run directory.", OUTPUT, "runs/<timestamp>", "--output", "-o")] = None,
     keep_checkpoints: Annotated[bool, _flag("Keep checkpoints/ after a successful run (resume needs them only while unfinished).", OUTPUT, "off", "--keep-checkpoints", switch=True)] = False,
@@ -156,6 +157,7 @@ def train(
         "train.select_best": select_best, "train.loraplus_lr_ratio": loraplus_lr_ratio, "lora.head_init": head_init,
         "data.prompt_template": prompt_template.replace("\\n", "\n") if prompt_template else None,
         "train.linear_probe_steps": linear_probe_steps, "train.class_weights": class_weights,
+        "train.label_smoothing": label_smoothing,
     }
     try:
         cfg = load_config(config, overrides, [parse_assignment(assignment) for assignment in set_ or []])

@@ -104,6 +104,7 @@ class TrainConfig:
     # LP-FT: the first N optimizer steps train the head alone (LoRA frozen), then both.
     linear_probe_steps: int = 0
     class_weights: str = "none"  # none | balanced (loss weights n / (labels x count), for imbalanced label sets)
+    label_smoothing: float = 0.0  # the cross-entropy's target puts this share on the other labels, evenly (0: off)
     batch_size: int = 16
     eval_batch_size: int = 16  # on CPU, 16-32 beat 64+ (activations stay in cache); see docs/BENCHMARKS.md
     grad_accum: int = 1

@@ -216,6 +216,8 @@ def check_settings(cfg: Config) -> None:
         raise ValueError(f"lora.head_init must be one of {', '.join(HEAD_INITS)}, got {cfg.lora.head_init!r}")
     if t.class_weights not in CLASS_WEIGHTS:
         raise ValueError(f"train.class_weights must be one of {', '.join(CLASS_WEIGHTS)}, got {t.class_weights!r}")
+    if not 0 <= t.label_smoothing < 1:
+        raise ValueError(f"train.label_smoothing is the share of each target spread over the other labels: in [0, 1), got {t.label_smoothing}")
     if cfg.lora.top_layers is not None and cfg.lora.top_layers < 1:
         raise ValueError(f"lora.top_layers is a number of layers (>= 1) or none (all), got {cfg.lora.top_layers}")
     template = cfg.data.prompt_template
@@ -427,6 +429,7 @@ def build_trainer(model, tokenizer, splits: Splits, cfg: Config, run_dir: Path, 
 
     trainer = IntentTrainer(
         class_weights=class_weights(splits.train, splits.labels, t.class_weights),
+        label_smoothing=t.label_smoothing,
         head_lr=t.head_lr,
         loraplus_lr_ratio=t.loraplus_lr_ratio,
         model=model,
@@ -531,22 +534,25 @@ class IntentTrainer(Trainer):
 
     `head_lr` is the new head's learning rate; `loraplus_lr_ratio` multiplies
     the LoRA B matrices' (LoRA+, Hayou et al. 2024); `class_weights` weights
-    the cross-entropy per label. The loss stays a mean per batch, so Trainer
+    the cross-entropy per label, `label_smoothing` softens its targets (torch's
+    definition). Without either, the model's own loss. The loss stays a mean per batch, so Trainer
     still divides it over accumulated batches (model_accepts_loss_kwargs is
     False, no compute_loss_func).
     """
 
-    def __init__(self, *args, class_weights: torch.Tensor | None = None, head_lr: float | None = None,
-                 loraplus_lr_ratio: float | None = None, **kwargs):
+    def __init__(self, *args, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
+                 head_lr: float | None = None, loraplus_lr_ratio: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.class_weights, self.head_lr, self.loraplus_lr_ratio = class_weights, head_lr, loraplus_lr_ratio
+        self.class_weights, self.label_smoothing = class_weights, label_smoothing
+        self.head_lr, self.loraplus_lr_ratio = head_lr, loraplus_lr_ratio
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if self.class_weights is None:
+        if self.class_weights is None and not self.label_smoothing:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**{key: value for key, value in inputs.items() if key != "labels"})
-        weight = self.class_weights.to(outputs.logits.device)
-        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"], weight=weight)
+        weight = None if self.class_weights is None else self.class_weights.to(outputs.logits.device)
+        loss = torch.nn.functional.cross_entropy(outputs.logits.float(), inputs["labels"], weight=weight,
+                                                 label_smoothing=self.label_smoothing)
         return (loss, outputs) if return_outputs else loss
 
     def parameter_lr(self, name: str) -> float:
@@ -753,6 +759,7 @@ def assemble_metrics(run: Run, fitted: Fit, state, lora: dict, parity: dict, ada
             "head_lr": t.head_lr if t.head_lr is not None else t.lr,
             "head_init": cfg.lora.head_init,
             "class_weights": dict(zip(run.splits.labels, weights.tolist())) if weights is not None else None,
+            "label_smoothing": t.label_smoothing,
             "processes": world_size,
             "global_batch_size": t.batch_size * t.grad_accum * world_size,
             "steps": state.global_step,

@@ -70,7 +70,7 @@ RECIPE_KEYS = {
     "data": ["prompt_template"],
     "lora": ["head_init", "top_layers"],
     "train": ["epochs", "min_steps", "max_steps", "early_stopping_patience", "lr", "head_lr", "loraplus_lr_ratio",
-              "linear_probe_steps", "class_weights"],
+              "linear_probe_steps", "class_weights", "label_smoothing"],
 }
 
 

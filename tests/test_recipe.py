@@ -136,7 +136,7 @@ def peft_trainer(tiny_qwen2, tmp_path, **options):
     return IntentTrainer(model=model, args=args, **options), tokenizer
 
 
-def test_balanced_class_weights_change_the_loss(tiny_qwen2, tmp_path, bundled_rows):
+def test_balanced_class_weights_and_label_smoothing_change_the_loss(tiny_qwen2, tmp_path, bundled_rows):
     examples = [Example("a", "balance", "x:1")] * 6 + [Example("b", "refund", "x:2")] * 2
     weights = class_weights(examples, ["balance", "refund", "other"], "balanced")
     assert weights.tolist() == pytest.approx([8 / (2 * 6), 8 / (2 * 2), 0.0])
@@ -147,20 +147,25 @@ def test_balanced_class_weights_change_the_loss(tiny_qwen2, tmp_path, bundled_ro
     weight = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0])
     plain, tokenizer = peft_trainer(tiny_qwen2, tmp_path)
     weighted, _ = peft_trainer(tiny_qwen2, tmp_path, class_weights=weight)
+    smoothed, _ = peft_trainer(tiny_qwen2, tmp_path, label_smoothing=0.2)
     with torch.no_grad():  # sharper logits, so per-class losses differ and the weights matter
         for name, param in plain.model.named_parameters():
             if "modules_to_save" in name:
                 param.mul_(100)
     weighted.model.load_state_dict(plain.model.state_dict())
+    smoothed.model.load_state_dict(plain.model.state_dict())
     inputs = tokenizer.pad({"input_ids": encode(tokenizer, [r["text"] for r in rows], 64)}, return_tensors="pt")
     inputs["labels"] = torch.tensor([LABELS.index(r["label"]) for r in rows])
     with torch.no_grad():
         logits = plain.model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
         loss_plain = plain.compute_loss(plain.model, dict(inputs))
         loss_weighted = weighted.compute_loss(weighted.model, dict(inputs))
+        loss_smoothed = smoothed.compute_loss(smoothed.model, dict(inputs))
     assert loss_plain.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, inputs["labels"]).item(), abs=1e-6)
     assert loss_weighted.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, inputs["labels"], weight=weight).item(), abs=1e-6)
     assert abs(loss_weighted.item() - loss_plain.item()) > 1e-2
+    assert loss_smoothed.item() == pytest.approx(torch.nn.functional.cross_entropy(logits, inputs["labels"], label_smoothing=0.2).item(), abs=1e-6)
+    assert abs(loss_smoothed.item() - loss_plain.item()) > 1e-2
 
 
 def test_head_lr_and_loraplus_set_the_learning_rate_of_each_part(tiny_qwen2, tmp_path):
@@ -281,6 +286,7 @@ def test_the_saved_model_is_the_selected_checkpoint(select_best, tiny_qwen2, sma
 @pytest.mark.parametrize("key, value, message", [
     ("lora.head_init", "xavier", "head_init"),
     ("train.class_weights", "inverse", "class_weights"),
+    ("train.label_smoothing", 1.0, "label_smoothing"),
     ("data.prompt_template", "no placeholder", "exactly once"),
     ("train.early_stopping_patience", 0, "early_stopping_patience"),
     ("train.head_lr", -1.0, "head_lr"),
