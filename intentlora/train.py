@@ -535,9 +535,9 @@ class IntentTrainer(Trainer):
     `head_lr` is the new head's learning rate; `loraplus_lr_ratio` multiplies
     the LoRA B matrices' (LoRA+, Hayou et al. 2024); `class_weights` weights
     the cross-entropy per label, `label_smoothing` softens its targets (torch's
-    definition). Without either, the model's own loss. The loss stays a mean per batch, so Trainer
-    still divides it over accumulated batches (model_accepts_loss_kwargs is
-    False, no compute_loss_func).
+    definition); without either, the model's own loss. The loss stays a mean
+    per batch, so Trainer still divides it over accumulated batches
+    (model_accepts_loss_kwargs is False, no compute_loss_func).
     """
 
     def __init__(self, *args, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0,
